@@ -1,0 +1,44 @@
+# visionops — every target sets up .venv itself when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export PYTHONDONTWRITEBYTECODE := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help run test lint clean setup setup-dev
+
+help: ## List every target
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (visionops needs Python 3.11)"; exit 2; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e .
+	touch $@
+
+$(BIN)/.installed-dev: $(BIN)/.installed
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed ## Create .venv and install visionops
+
+setup-dev: $(BIN)/.installed-dev ## Create .venv with the dev extras
+
+run: setup ## Run the whole pipeline (dvc repro) on bundled MNIST and print a summary
+	$(BIN)/visionops pipeline run
+
+test: setup-dev ## Run every test
+	$(BIN)/python -m pytest -q
+
+lint: setup-dev ## ruff + mypy
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+clean: ## Remove pipeline outputs, caches and the local MLflow store (keeps .venv and raw data)
+	rm -rf data/interim data/prepared models metrics plots reports exported runs mlflow.db mlflow.db-* mlartifacts mlruns .visionops .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -not -path './.venv/*' -prune -exec rm -rf {} +

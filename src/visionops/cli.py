@@ -1,0 +1,297 @@
+"""The one command line: ``visionops <stage>``. Every command is a thin wrapper.
+
+Commands parse options, load params, call one core function inside a tracked MLflow
+stage run where that makes sense, and print a short result. Bad input becomes one red
+line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from visionops.errors import VisionOpsError
+
+app = typer.Typer(
+    name="visionops",
+    help="End-to-end MLOps for image classifiers: pipeline, registry, serving, monitoring.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+pipeline_app = typer.Typer(help="Run the whole DVC pipeline.", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+
+console = Console(stderr=True)
+out = Console()
+
+ParamsOpt = Annotated[
+    Path, typer.Option("--params", "-p", help="params file (YAML)", show_default=True)
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override a param, e.g. --set train.epochs=1 (repeatable)"),
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("VISIONOPS_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL", "git"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def handle_errors(fn: F) -> F:
+    """Turn project errors into one red line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _setup_logging()
+        try:
+            return fn(*args, **kwargs)
+        except VisionOpsError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except FileNotFoundError as exc:
+            console.print(f"[bold red]error:[/] file not found: {exc.filename or exc}")
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _params(params_file: Path, overrides: list[str] | None) -> Any:
+    from visionops.config import load_params
+
+    return load_params(params_file, overrides or [])
+
+
+def _layout() -> Any:
+    from visionops.layout import Layout
+
+    return Layout.at(Path.cwd())
+
+
+def _print_json(obj: Any) -> None:
+    out.print_json(json.dumps(obj, default=str))
+
+
+# --------------------------------------------------------------------------- data
+
+
+@app.command()
+@handle_errors
+def ingest(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Read the configured data source, verify checksums, write data/interim/."""
+    from visionops import registry
+    from visionops.data.ingest import run_ingest
+
+    params, layout = _params(params_file, set_), _layout()
+    with registry.stage_run("ingest", params, layout) as tracker:
+        result = run_ingest(params, layout)
+        tracker.log_metrics(result.summary())
+    out.print(f"ingested {result.describe()}")
+
+
+@app.command()
+@handle_errors
+def validate(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Check shapes, labels, balance, duplicates and unreadable files; fail on broken data."""
+    from visionops import registry
+    from visionops.data.validate import run_validate
+
+    params, layout = _params(params_file, set_), _layout()
+    with registry.stage_run("validate", params, layout) as tracker:
+        report = run_validate(params, layout)
+        tracker.log_artifact(layout.reports_dir / "validation.json")
+    out.print(f"data valid: {report.describe()}")
+
+
+@app.command()
+@handle_errors
+def prepare(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Split train/validation from the seed and compute normalisation statistics."""
+    from visionops import registry
+    from visionops.data.prepare import run_prepare
+
+    params, layout = _params(params_file, set_), _layout()
+    with registry.stage_run("prepare", params, layout) as tracker:
+        result = run_prepare(params, layout)
+        tracker.log_metrics(result.summary())
+    out.print(f"prepared {result.describe()}")
+
+
+# --------------------------------------------------------------------------- model
+
+
+@app.command()
+@handle_errors
+def train(
+    model: Annotated[str, typer.Argument(help="architecture from the zoo: mlp, cnn, resnet")],
+    params_file: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
+) -> None:
+    """Train one architecture with checkpoints, early stopping and tracked metrics."""
+    from visionops import registry
+    from visionops.train import run_train
+
+    params, layout = _params(params_file, set_), _layout()
+    with registry.stage_run(f"train-{model}", params, layout) as tracker:
+        result = run_train(params, layout, model, resume=resume, on_epoch=tracker.log_metrics)
+        tracker.log_metrics(result.summary())
+        tracker.log_artifacts(layout.model_dir(model), "model")
+    out.print(f"trained {result.describe()}")
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    model: Annotated[str, typer.Argument(help="a trained architecture")],
+    params_file: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate a trained model on the untouched test set; write metrics and plots."""
+    from visionops import registry
+    from visionops.evaluate import run_evaluate
+
+    params, layout = _params(params_file, set_), _layout()
+    with registry.stage_run(f"evaluate-{model}", params, layout) as tracker:
+        result = run_evaluate(params, layout, model)
+        tracker.log_metrics(result.summary())
+        tracker.log_artifacts(layout.eval_report_dir(model), "evaluation")
+    out.print(f"evaluated {result.describe()}")
+
+
+@app.command()
+@handle_errors
+def compare(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Compare every trained model (table + plot) and select the best for export."""
+    from visionops import registry
+    from visionops.evaluate import run_compare
+
+    params, layout = _params(params_file, set_), _layout()
+    with registry.stage_run("compare", params, layout) as tracker:
+        result = run_compare(params, layout)
+        tracker.log_artifact(layout.reports_dir / "models.md")
+    out.print(result.describe())
+
+
+@app.command()
+@handle_errors
+def export(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Export the selected model to ONNX and check parity with torch."""
+    from visionops import registry
+    from visionops.export import run_export
+
+    params, layout = _params(params_file, set_), _layout()
+    with registry.stage_run("export", params, layout) as tracker:
+        result = run_export(params, layout)
+        tracker.log_metrics(result.summary())
+    out.print(f"exported {result.describe()}")
+
+
+@app.command()
+@handle_errors
+def register(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Register the exported model in MLflow with alias 'challenger'."""
+    from visionops import registry
+
+    params, layout = _params(params_file, set_), _layout()
+    result = registry.run_register(params, layout)
+    out.print(f"registered {result.describe()}")
+
+
+@app.command()
+@handle_errors
+def gate(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Promote the challenger to 'champion' only if it is not worse (decision in JSON)."""
+    from visionops import registry
+
+    params, layout = _params(params_file, set_), _layout()
+    decision = registry.run_gate(params, layout)
+    out.print(decision.describe())
+
+
+@app.command()
+@handle_errors
+def promote(
+    params_file: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    version: Annotated[
+        str | None, typer.Option(help="version to promote (default: the challenger)")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="skip the gate and promote anyway")] = False,
+) -> None:
+    """Promote a version to 'champion' (through the gate unless --force)."""
+    from visionops import registry
+
+    params, layout = _params(params_file, set_), _layout()
+    decision = registry.promote(params, layout, version=version, force=force)
+    out.print(decision.describe())
+
+
+@app.command()
+@handle_errors
+def rollback(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Give 'champion' back to the previous champion."""
+    from visionops import registry
+
+    params, layout = _params(params_file, set_), _layout()
+    result = registry.rollback(params, layout)
+    out.print(result.describe())
+
+
+@app.command()
+@handle_errors
+def report(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Write reports/summary.md for the pipeline run and close its MLflow parent run."""
+    from visionops.report import run_report
+
+    params, layout = _params(params_file, set_), _layout()
+    result = run_report(params, layout)
+    out.print(result.describe())
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+@pipeline_app.command("run")
+@handle_errors
+def pipeline_run(
+    force: Annotated[bool, typer.Option(help="re-run every stage (dvc repro --force)")] = False,
+) -> None:
+    """Run `dvc repro` under one MLflow parent run and print a summary."""
+    from visionops.pipeline import run_pipeline
+
+    summary = run_pipeline(_layout(), force=force)
+    out.print(summary)
+
+
+@pipeline_app.command("summary")
+@handle_errors
+def pipeline_summary() -> None:
+    """Print the summary of the last pipeline run."""
+    from visionops.pipeline import summarize
+
+    out.print(summarize(_layout()))
+
+
+def main() -> None:
+    app(prog_name="visionops")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

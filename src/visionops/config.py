@@ -1,0 +1,233 @@
+"""Typed parameters (params.yaml) and environment settings.
+
+Parameters describe *what* the pipeline does and live in ``params.yaml`` (tracked by
+DVC). Settings describe *where* things are (tracking URI, tokens, database URLs) and
+come from the environment. Both are read only when a function asks for them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from visionops.errors import ConfigError
+
+DataSource = Literal["mnist", "cifar10", "imagefolder"]
+
+# Native image geometry of the built-in sources: (image_size, channels).
+NATIVE_SHAPE: dict[str, tuple[int, int]] = {"mnist": (28, 1), "cifar10": (32, 3)}
+
+
+class StrictModel(BaseModel):
+    """Base for every params section: unknown keys are errors, types are not coerced loosely."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(StrictModel):
+    source: DataSource = "mnist"
+    path: str = "data/raw/mnist"
+    image_size: int | None = Field(default=None, ge=8, le=512)
+    channels: Literal[1, 3] | None = None
+    limit: int | None = Field(default=None, ge=1, description="cap on training images")
+    test_limit: int | None = Field(default=None, ge=1, description="cap on test images")
+    val_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
+    test_fraction: float = Field(
+        default=0.2, gt=0.0, lt=0.9, description="imagefolder without train/test subfolders"
+    )
+    max_class_imbalance: float = Field(
+        default=10.0, ge=1.0, description="largest/smallest class count allowed by validate"
+    )
+
+    def shape(self) -> tuple[int, int]:
+        """(image_size, channels) after applying the source's native defaults."""
+        size, channels = NATIVE_SHAPE.get(self.source, (28, 1))
+        return (self.image_size or size, self.channels or channels)
+
+
+class PreprocessParams(StrictModel):
+    """How an image *file* becomes a model input (imagefolder ingest and serving)."""
+
+    invert: Literal["auto", "always", "never"] = "auto"
+    center: bool = Field(
+        default=True, description="MNIST-style centring: bounding box, fit, centre of mass"
+    )
+    digit_box: int = Field(default=20, ge=4, description="size the digit is fitted into")
+
+
+class TrainParams(StrictModel):
+    models: list[str] = Field(default_factory=lambda: ["cnn", "mlp"], min_length=1)
+    epochs: int = Field(default=6, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=3e-3, gt=0.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    augment: bool = True
+    max_shift: int = Field(default=2, ge=0, description="random translation in pixels")
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    width: int = Field(default=32, ge=4, description="base channel/hidden width of the zoo")
+    patience: int = Field(default=3, ge=1, description="early stopping on val accuracy")
+    num_threads: int = Field(default=0, ge=0, description="0 = number of cores")
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+
+
+class EvaluateParams(StrictModel):
+    batch_size: int = Field(default=1000, ge=1)
+    gallery_size: int = Field(default=36, ge=1)
+    calibration_bins: int = Field(default=15, ge=2)
+
+
+class RegistryParams(StrictModel):
+    model_name: str | None = Field(
+        default=None, description="registered model name; default visionops-<dataset>"
+    )
+    experiment: str = "visionops"
+
+
+class GateParams(StrictModel):
+    accuracy_tolerance: float = Field(default=0.001, ge=0.0)
+    mcnemar_alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
+    latency_budget_ms: float = Field(default=10.0, gt=0.0, description="p95 at batch 1")
+    parity_atol: float = Field(default=1e-4, gt=0.0)
+
+
+class ServeParams(StrictModel):
+    confidence_threshold: float = Field(default=0.7, ge=0.0, le=1.0)
+    max_batch_size: int = Field(default=32, ge=1)
+    max_wait_ms: float = Field(default=2.0, ge=0.0)
+    max_body_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
+    max_files: int = Field(default=64, ge=1)
+    max_pixels: int = Field(default=16_000_000, ge=64)
+
+
+class Params(StrictModel):
+    seed: int = 42
+    data: DataParams = DataParams()
+    preprocess: PreprocessParams = PreprocessParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    registry: RegistryParams = RegistryParams()
+    gate: GateParams = GateParams()
+    serve: ServeParams = ServeParams()
+
+    @model_validator(mode="after")
+    def _known_models(self) -> Params:
+        # Local import: the zoo's names are plain data, no torch needed for this check.
+        from visionops.models.names import MODEL_NAMES
+
+        unknown = [m for m in self.train.models if m not in MODEL_NAMES]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; choose from {sorted(MODEL_NAMES)}")
+        return self
+
+    def model_name(self) -> str:
+        """Registered model name: explicit, else derived from the data source."""
+        if self.registry.model_name:
+            return self.registry.model_name
+        if self.data.source == "imagefolder":
+            stem = Path(self.data.path).resolve().name or "images"
+            safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in stem.lower())
+            return f"visionops-{safe}"
+        return f"visionops-{self.data.source}"
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
+    return f"invalid params in {source}: " + "; ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one ``--set key.path=value`` override; the value is read as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value (e.g. train.epochs=1)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with dotted ``key=value`` overrides applied."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = {}
+                node[part] = nxt
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def params_from_dict(raw: dict[str, Any], source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Iterable[str] = ()) -> Params:
+    """Load and validate params; a missing file means defaults (plus overrides)."""
+    p = Path(path)
+    raw: dict[str, Any] = {}
+    if p.exists():
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        raw = loaded or {}
+    elif str(path) != "params.yaml":
+        raise ConfigError(f"params file not found: {p}")
+    return params_from_dict(apply_overrides(raw, overrides), source=str(p))
+
+
+def params_to_yaml(params: Params) -> str:
+    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where things live; read from the environment by :func:`load_settings`."""
+
+    tracking_uri: str
+    artifact_root: str
+    admin_token: str | None
+    predlog_url: str
+    webhook_url: str | None
+
+
+def load_settings(root: Path | None = None) -> Settings:
+    base = (root or Path.cwd()).resolve()
+    return Settings(
+        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{base / 'mlflow.db'}",
+        artifact_root=os.environ.get("VISIONOPS_ARTIFACT_ROOT") or (base / "mlartifacts").as_uri(),
+        admin_token=os.environ.get("VISIONOPS_ADMIN_TOKEN") or None,
+        predlog_url=os.environ.get("VISIONOPS_PREDLOG_URL") or f"sqlite:///{base / 'predictions.db'}",
+        webhook_url=os.environ.get("VISIONOPS_ALERT_WEBHOOK") or None,
+    )
