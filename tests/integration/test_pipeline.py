@@ -1,0 +1,204 @@
+"""The whole pipeline, for real, on a tiny slice in a temporary workspace.
+
+One workspace is built per module: `visionops pipeline run` (dvc repro) trains two
+models on 600 MNIST images, registers and gates the best; then a deliberately bad
+change registers a challenger that the gate refuses; then `dvc exp run` trains a model
+for a user's image folder under its own registered model name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+TINY = {
+    "data": {"limit": 600, "test_limit": 400},
+    "train": {"epochs": 1, "width": 8, "batch_size": 64},
+    "evaluate": {"gallery_size": 8},
+    # Timing never decides a test: the latency budget is out of reach here.
+    "gate": {"latency_budget_ms": 10000.0},
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) else value
+    return out
+
+
+def _env(workspace: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "VISIONOPS_"))}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.com",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.com",
+    )
+    return env
+
+
+def _run(args: list[str], workspace: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        args, cwd=workspace, env=_env(workspace), capture_output=True, text=True, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _write_params(workspace: Path, extra: dict) -> None:
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    (workspace / "params.yaml").write_text(yaml.safe_dump(_merge(_merge(base, TINY), extra)))
+
+
+def _mlflow_client(workspace: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ws = tmp_path_factory.mktemp("workspace")
+    shutil.copytree(REPO / "src", ws / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "data" / "raw" / "mnist", ws / "data" / "raw" / "mnist")
+    shutil.copy(REPO / "dvc.yaml", ws / "dvc.yaml")
+    (ws / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    _write_params(ws, {})
+    _run(["git", "init", "-q", "-b", "main"], ws)
+    _run([str(BIN / "dvc"), "init", "-q"], ws)
+    _run([str(BIN / "dvc"), "config", "core.analytics", "false"], ws)
+    _run(["git", "add", "-A"], ws)
+    _run(["git", "commit", "-qm", "workspace"], ws)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def first_run(workspace: Path) -> subprocess.CompletedProcess:
+    return _run([str(BIN / "visionops"), "pipeline", "run"], workspace)
+
+
+def test_pipeline_trains_registers_and_promotes(workspace: Path, first_run) -> None:
+    comparison = json.loads((workspace / "metrics" / "comparison.json").read_text())
+    assert set(comparison["models"]) == {"cnn", "mlp"}
+    assert comparison["best_model"] in {"cnn", "mlp"}
+    for model in ("cnn", "mlp"):
+        metrics = json.loads((workspace / "metrics" / "eval" / f"{model}.json").read_text())
+        # 600 images, one epoch: far from 99 %, far above the 10 % of guessing.
+        assert 0.3 < metrics["accuracy"] <= 1.0
+        assert (workspace / "reports" / "eval" / model / "confusion_matrix.png").stat().st_size
+    assert (workspace / "exported" / "model.onnx").exists()
+    meta = json.loads((workspace / "exported" / "metadata.json").read_text())
+    assert meta["classes"] == [str(i) for i in range(10)]
+    assert meta["parity_max_abs_diff"] <= 1e-4
+
+    gate = json.loads((workspace / "metrics" / "gate.json").read_text())
+    assert gate["promoted"] is True
+    client = _mlflow_client(workspace)
+    champion = client.get_model_version_by_alias("visionops-mnist", "champion")
+    challenger = client.get_model_version_by_alias("visionops-mnist", "challenger")
+    assert champion.version == challenger.version == "1"
+    assert "champion" in first_run.stdout or "promoted" in first_run.stdout.lower()
+
+
+def test_one_parent_run_with_a_nested_run_per_stage(workspace: Path, first_run) -> None:
+    client = _mlflow_client(workspace)
+    exp = client.get_experiment_by_name("visionops")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    names = {r.info.run_name for r in children}
+    expected = {
+        "ingest", "validate", "prepare", "train-cnn", "train-mlp", "evaluate-cnn",
+        "evaluate-mlp", "compare", "export", "register", "gate",
+    }
+    assert expected <= names, names
+    assert parents[0].info.status == "FINISHED"
+
+
+def test_second_repro_is_a_noop_and_status_clean(workspace: Path, first_run) -> None:
+    status = _run([str(BIN / "dvc"), "status", "--json"], workspace)
+    assert json.loads(status.stdout) == {}
+    again = _run([str(BIN / "visionops"), "pipeline", "run"], workspace)
+    assert "up to date" in again.stdout
+
+
+def test_bad_params_register_a_challenger_and_keep_the_champion(
+    workspace: Path, first_run
+) -> None:
+    _write_params(workspace, {"train": {"lr": 1e-7, "models": ["mlp"]}})
+    _run([str(BIN / "visionops"), "pipeline", "run"], workspace)
+    client = _mlflow_client(workspace)
+    champion = client.get_model_version_by_alias("visionops-mnist", "champion")
+    challenger = client.get_model_version_by_alias("visionops-mnist", "challenger")
+    assert champion.version == "1"
+    assert challenger.version == "2"
+    gate = json.loads((workspace / "metrics" / "gate.json").read_text())
+    assert gate["promoted"] is False
+    assert gate["reasons"], gate
+    assert challenger.tags.get("gate.promoted") in {"false", "False"}
+    _write_params(workspace, {})
+
+
+def _shapes_folder(root: Path) -> Path:
+    """Three classes of drawn shapes, dark ink on light paper, odd sizes and formats."""
+    rng = np.random.default_rng(0)
+    for cls in ("bar", "dot", "frame"):
+        (root / cls).mkdir(parents=True)
+        for i in range(40):
+            size = int(rng.integers(30, 70))
+            img = np.full((size, size), 255, np.uint8)
+            c, r = size // 2 + int(rng.integers(-3, 4)), size // 4
+            if cls == "bar":
+                img[c - r : c + r, c - 2 : c + 3] = 0
+            elif cls == "dot":
+                yy, xx = np.ogrid[:size, :size]
+                img[(yy - c) ** 2 + (xx - c) ** 2 < r * r] = 0
+            else:
+                img[c - r : c + r, c - r : c - r + 3] = 0
+                img[c - r : c + r, c + r - 3 : c + r] = 0
+                img[c - r : c - r + 3, c - r : c + r] = 0
+                img[c + r - 3 : c + r, c - r : c + r] = 0
+            ext = ("png", "jpg", "bmp")[i % 3]
+            Image.fromarray(img).save(root / cls / f"{cls}_{i}.{ext}")
+    return root
+
+
+def test_dvc_exp_run_on_an_image_folder(workspace: Path, first_run, tmp_path: Path) -> None:
+    folder = _shapes_folder(tmp_path / "shapes")
+    proc = _run(
+        [
+            str(BIN / "dvc"), "exp", "run",
+            "-S", "data.source=imagefolder",
+            "-S", f"data.path={folder}",
+            "-S", "train.models=[mlp]",
+            "-S", "train.epochs=3",
+        ],
+        workspace,
+    )
+    assert proc.returncode == 0
+    client = _mlflow_client(workspace)
+    champion = client.get_model_version_by_alias("visionops-shapes", "champion")
+    assert champion.version == "1"
+    meta = json.loads((workspace / "exported" / "metadata.json").read_text())
+    assert meta["classes"] == ["bar", "dot", "frame"]
+    metrics = json.loads((workspace / "metrics" / "eval" / "mlp.json").read_text())
+    assert metrics["accuracy"] > 0.6

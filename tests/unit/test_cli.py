@@ -1,0 +1,40 @@
+"""The CLI's edges: every subcommand has --help; bad input is one line and exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from visionops.cli import app
+
+runner = CliRunner()
+
+COMMANDS = [
+    ["ingest"], ["validate"], ["prepare"], ["train"], ["evaluate"], ["compare"],
+    ["export"], ["register"], ["gate"], ["promote"], ["rollback"], ["report"],
+    ["pipeline", "run"], ["pipeline", "summary"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c))
+def test_every_subcommand_has_help(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_wrong_param_key_exits_2_with_the_key_named(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["prepare", "--set", "train.epochz=1"])
+    assert result.exit_code == 2
+    assert "train.epochz" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_params_file_exits_2(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["validate", "--params", "missing.yaml"])
+    assert result.exit_code == 2
+    assert "missing.yaml" in result.output
