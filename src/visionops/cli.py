@@ -107,6 +107,30 @@ def ingest(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
 
 @app.command()
 @handle_errors
+def download(
+    mirror: Annotated[str, typer.Option(help="base URL holding the files (or the archive URL)")],
+    params_file: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Fetch missing or damaged source files from a mirror and verify their checksums."""
+    from visionops.data.sources import download_cifar10, download_mnist
+
+    params = _params(params_file, set_)
+    dest = Path(params.data.path)
+    if params.data.source == "mnist":
+        written = download_mnist(dest, mirror)
+        out.print(f"{len(written)} file(s) fetched into {dest}; all checksums verified")
+    elif params.data.source == "cifar10":
+        folder = dest.parent if dest.suffix == ".gz" else dest
+        out.print(f"fetched and verified {download_cifar10(folder, mirror)}")
+    else:
+        from visionops.errors import ConfigError
+
+        raise ConfigError("data.source=imagefolder has nothing to download")
+
+
+@app.command()
+@handle_errors
 def validate(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Check shapes, labels, balance, duplicates and unreadable files; fail on broken data."""
     from visionops import registry

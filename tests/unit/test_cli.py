@@ -12,7 +12,7 @@ from visionops.cli import app
 runner = CliRunner()
 
 COMMANDS = [
-    ["ingest"], ["validate"], ["prepare"], ["train"], ["evaluate"], ["compare"],
+    ["ingest"], ["download"], ["validate"], ["prepare"], ["train"], ["evaluate"], ["compare"],
     ["export"], ["register"], ["gate"], ["promote"], ["rollback"], ["report"],
     ["pipeline", "run"], ["pipeline", "summary"],
 ]
@@ -38,3 +38,28 @@ def test_missing_params_file_exits_2(tmp_path: Path, monkeypatch) -> None:
     result = runner.invoke(app, ["validate", "--params", "missing.yaml"])
     assert result.exit_code == 2
     assert "missing.yaml" in result.output
+
+
+def test_download_from_a_local_mirror_restores_a_missing_file(tmp_path: Path, monkeypatch) -> None:
+    """`visionops download` fetches a missing MNIST file from a mirror and checks its sum."""
+    import shutil
+
+    repo_mnist = Path(__file__).resolve().parents[2] / "data" / "raw" / "mnist"
+    mirror = tmp_path / "mirror"
+    shutil.copytree(repo_mnist, mirror)
+    local = tmp_path / "data" / "raw" / "mnist"
+    shutil.copytree(repo_mnist, local)
+    (local / "t10k-labels-idx1-ubyte.gz").unlink()
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["download", "--mirror", mirror.as_uri()])
+    assert result.exit_code == 0, result.output
+    assert "1 file(s) fetched" in result.output
+    restored = (local / "t10k-labels-idx1-ubyte.gz").read_bytes()
+    assert restored == (repo_mnist / "t10k-labels-idx1-ubyte.gz").read_bytes()
+    # An altered mirror is refused and leaves nothing behind.
+    (local / "t10k-labels-idx1-ubyte.gz").unlink()
+    (mirror / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not mnist")
+    result = runner.invoke(app, ["download", "--mirror", mirror.as_uri()])
+    assert result.exit_code == 2
+    assert "sha256" in result.output
+    assert not (local / "t10k-labels-idx1-ubyte.gz").exists()

@@ -1,0 +1,160 @@
+"""Ingest stage: read the configured source, verify it, write ``data/interim/``.
+
+Writes ``layout.dataset_npz`` (``x_train``, ``y_train``, ``x_test``, ``y_test``: uint8 NHWC
+and int64) and ``layout.dataset_json`` (classes, geometry, file names, unreadable files,
+checksums). Ingest keeps the whole source; ``data.limit`` and ``data.test_limit`` are
+applied by prepare.
+
+Array files are written in the ``.npz`` format of :func:`numpy.savez` (uncompressed, no
+pickles) by :func:`write_npz`, which fixes the zip timestamps so that the same data
+always gives the same bytes (DVC then sees unchanged outputs as unchanged).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visionops.config import Params
+from visionops.data.sources import load_source
+from visionops.errors import DataError
+from visionops.layout import Layout
+
+log = logging.getLogger(__name__)
+
+DATASET_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write arrays as an ``np.savez``-compatible ``.npz``, byte-for-byte reproducible.
+
+    Written to a temporary file and renamed, so readers never see half a file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, mode="w") as zf:
+            for key, value in arrays.items():
+                info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_EPOCH)
+                info.compress_type = zipfile.ZIP_STORED
+                info.external_attr = 0o644 << 16
+                with zf.open(info, "w", force_zip64=True) as fid:
+                    np.lib.format.write_array(fid, np.asanyarray(value), allow_pickle=False)
+        os.replace(tmp_name, path)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+
+
+def read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Load the named arrays from an ``.npz`` (no pickles); DataError names the file."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in keys if k not in npz.files]
+            if missing:
+                raise DataError(f"{path} lacks array(s) {missing} (has {npz.files})")
+            return {k: npz[k] for k in keys}
+    except FileNotFoundError:
+        raise DataError(f"{path} not found; run the previous stage first") from None
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path} is not a readable .npz file ({exc})") from None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Pretty, stable JSON written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; DataError names the file when missing or malformed."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path} not found; run the previous stage first") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} is not readable JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return obj
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    source: str
+    classes: list[str]
+    n_train: int
+    n_test: int
+    image_size: int
+    channels: int
+    n_unreadable: int
+    dataset_npz: Path
+    dataset_json: Path
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "n_train": float(self.n_train),
+            "n_test": float(self.n_test),
+            "n_classes": float(len(self.classes)),
+            "n_unreadable": float(self.n_unreadable),
+            "image_size": float(self.image_size),
+            "channels": float(self.channels),
+        }
+
+    def describe(self) -> str:
+        extra = f", {self.n_unreadable} unreadable file(s)" if self.n_unreadable else ""
+        return (
+            f"{self.source}: {self.n_train} train + {self.n_test} test images, "
+            f"{len(self.classes)} classes, {self.image_size}x{self.image_size}x{self.channels}"
+            f"{extra}"
+        )
+
+
+def run_ingest(params: Params, layout: Layout) -> IngestResult:
+    """Read ``data.source`` from ``data.path`` and write ``dataset.npz`` + ``dataset.json``."""
+    ds = load_source(params, layout)
+    write_npz(
+        layout.dataset_npz,
+        {"x_train": ds.x_train, "y_train": ds.y_train, "x_test": ds.x_test, "y_test": ds.y_test},
+    )
+    write_json(
+        layout.dataset_json,
+        {
+            "source": ds.source,
+            "path": params.data.path,
+            "classes": ds.classes,
+            "image_size": ds.image_size,
+            "channels": ds.channels,
+            "n_train": len(ds.y_train),
+            "n_test": len(ds.y_test),
+            "train_files": ds.train_files,
+            "test_files": ds.test_files,
+            "unreadable": ds.unreadable,
+            "checksums": ds.checksums,
+        },
+    )
+    result = IngestResult(
+        source=ds.source,
+        classes=ds.classes,
+        n_train=len(ds.y_train),
+        n_test=len(ds.y_test),
+        image_size=ds.image_size,
+        channels=ds.channels,
+        n_unreadable=len(ds.unreadable),
+        dataset_npz=layout.dataset_npz,
+        dataset_json=layout.dataset_json,
+    )
+    log.info("ingested %s", result.describe())
+    return result
