@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -313,9 +312,63 @@ def pipeline_summary() -> None:
     out.print(summarize(_layout()))
 
 
+predlog_app = typer.Typer(
+    help="The prediction log written by `visionops serve`.", no_args_is_help=True
+)
+app.add_typer(predlog_app, name="predlog")
+
+
+@app.command()
+@handle_errors
+def serve(
+    model_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--model-uri",
+            help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported folder "
+            "(default: models:/<registry model name>@champion)",
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    params_file: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Serve the model over HTTP (FastAPI + ONNX Runtime); web page at /, docs at /docs."""
+    from visionops.serve.app import run_server
+
+    run_server(
+        model_uri=model_uri, host=host, port=port, params_file=params_file, overrides=set_ or []
+    )
+
+
+@predlog_app.command("export")
+@handle_errors
+def predlog_export(
+    output: Annotated[Path, typer.Option("--out", "-o", help="file to write")] = Path(
+        "predictions.parquet"
+    ),
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", "-f", help="parquet or csv (default: from the file suffix)"),
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(help="database URL (default: VISIONOPS_PREDLOG_URL, else ./predictions.db)"),
+    ] = None,
+) -> None:
+    """Export every logged prediction to Parquet or CSV."""
+    from visionops.config import load_settings
+    from visionops.serve.predlog import export_predlog
+
+    fmt = fmt or ("csv" if output.suffix.lower() == ".csv" else "parquet")
+    result = export_predlog(url or load_settings().predlog_url, output, format=fmt)
+    out.print(f"exported {result.describe()}")
+
+
 def main() -> None:
     app(prog_name="visionops")
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

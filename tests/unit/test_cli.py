@@ -14,7 +14,7 @@ runner = CliRunner()
 COMMANDS = [
     ["ingest"], ["download"], ["validate"], ["prepare"], ["train"], ["evaluate"], ["compare"],
     ["export"], ["register"], ["gate"], ["promote"], ["rollback"], ["report"],
-    ["pipeline", "run"], ["pipeline", "summary"],
+    ["pipeline", "run"], ["pipeline", "summary"], ["serve"], ["predlog", "export"],
 ]
 
 

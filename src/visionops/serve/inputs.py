@@ -1,0 +1,224 @@
+"""Request bodies to model inputs: multipart uploads and JSON instances.
+
+Everything a client can get wrong is reported as an :class:`ApiError` (status, code,
+message naming the offending file or instance); the pixels go through the shared
+preprocessing in :mod:`visionops.data.transforms`, exactly as at training time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from visionops.config import ServeParams
+from visionops.data.transforms import (
+    PreprocessSpec,
+    array_from_unit_floats,
+    decode_image,
+    image_to_array,
+)
+from visionops.errors import DataError
+from visionops.serve.middleware import BodyTooLargeError
+from visionops.serve.schemas import PredictRequest
+
+FILES_FIELD = "files"
+
+# Magic numbers of image formats we recognise but do not accept, so the client gets
+# 415 "unsupported format" rather than 400 "not an image". Only a prefix is compared.
+_UNSUPPORTED_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
+    (b"II*\x00", 0, "TIFF"),
+    (b"MM\x00*", 0, "TIFF"),
+    (b"\x00\x00\x01\x00", 0, "ICO"),
+    (b"8BPS", 0, "PSD"),
+    (b"%PDF", 0, "PDF"),
+    (b"ftypheic", 4, "HEIC"),
+    (b"ftypheix", 4, "HEIC"),
+    (b"ftypmif1", 4, "HEIF"),
+    (b"ftypavif", 4, "AVIF"),
+    (b"\x00\x00\x00\x0cjP  ", 0, "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", 0, "JPEG 2000"),
+    (b"\x00\x00\x00\x0cJXL ", 0, "JPEG XL"),
+    (b"\xff\x0a", 0, "JPEG XL"),
+    (b"<svg", 0, "SVG"),
+    (b"<?xml", 0, "SVG/XML"),
+)
+
+
+class ApiError(Exception):
+    """A client error with its HTTP status and stable code; rendered as ErrorResponse."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+@dataclass(frozen=True)
+class RawImage:
+    """One uploaded file as received."""
+
+    filename: str
+    data: bytes
+
+
+def unsupported_format(data: bytes) -> str | None:
+    """Name of a recognised but unaccepted image format, else None."""
+    head = data[:64].lstrip()  # SVG/XML may start with whitespace; binary magic never does
+    for magic, offset, name in _UNSUPPORTED_SIGNATURES:
+        if head[offset : offset + len(magic)] == magic:
+            return name
+    return None
+
+
+async def read_multipart(request: Request, limits: ServeParams) -> list[RawImage]:
+    """The files of field ``files``, in order; other fields are ignored."""
+    parser = MultiPartParser(
+        request.headers,
+        request.stream(),
+        max_files=limits.max_files,
+        max_fields=100,
+        max_part_size=64 * 1024,
+    )
+    try:
+        form = await parser.parse()
+    except BodyTooLargeError:
+        raise
+    except MultiPartException as exc:
+        if "too many files" in exc.message.lower():
+            raise ApiError(
+                413,
+                "too_many_files",
+                f"more than {limits.max_files} files in one request (serve.max_files)",
+            ) from None
+        raise ApiError(
+            400, "invalid_multipart", f"malformed multipart body: {exc.message}"
+        ) from None
+    except Exception as exc:  # python-multipart raises assorted errors on garbage bodies
+        raise ApiError(400, "invalid_multipart", f"malformed multipart body ({exc})") from None
+    try:
+        values = form.getlist(FILES_FIELD)
+        if not values:
+            raise ApiError(
+                422,
+                "missing_field",
+                f"multipart body has no '{FILES_FIELD}' field; send images as "
+                f"-F {FILES_FIELD}=@digit.png",
+            )
+        images = []
+        for i, v in enumerate(values):
+            if not isinstance(v, UploadFile):
+                raise ApiError(
+                    422,
+                    "invalid_field",
+                    f"{FILES_FIELD}[{i}] is a text field, expected a file upload",
+                )
+            images.append(
+                # Names are echoed in error messages: keep them short.
+                RawImage(filename=(v.filename or "unnamed")[:100], data=await v.read())
+            )
+        return images
+    finally:
+        await form.close()
+
+
+def parse_instances(body: bytes, limits: ServeParams) -> list[np.ndarray]:
+    """The JSON ``instances`` as uint8 ``(H, W, 1)`` arrays (ink high)."""
+    if not body.strip():
+        raise ApiError(400, "invalid_json", 'empty JSON body; expected {"instances": [...]}')
+    try:
+        req = PredictRequest.model_validate_json(body, strict=True)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if errors and errors[0]["type"] == "json_invalid":
+            raise ApiError(
+                400, "invalid_json", f"body is not valid JSON ({errors[0]['msg']})"
+            ) from None
+        parts = []
+        for e in errors[:3]:
+            loc = ".".join(str(p) for p in e["loc"]) or "<body>"
+            parts.append(f"{loc}: {e['msg']}")
+        more = f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise ApiError(
+            422,
+            "invalid_instances",
+            'expected {"instances": [H×W arrays of numbers in [0, 1]]}; ' + "; ".join(parts) + more,
+        ) from None
+    if len(req.instances) > limits.max_files:
+        raise ApiError(
+            413,
+            "too_many_files",
+            f"{len(req.instances)} instances exceed the limit of {limits.max_files} "
+            "(serve.max_files)",
+        )
+    arrays = []
+    for i, inst in enumerate(req.instances):
+        rows = {len(r) for r in inst}
+        if len(rows) != 1 or 0 in rows:
+            raise ApiError(
+                422,
+                "invalid_instances",
+                f"instances[{i}] must be a rectangular H×W array with H, W >= 1 "
+                f"(row lengths {sorted(rows)})",
+            )
+        if len(inst) * len(inst[0]) > limits.max_pixels:
+            raise ApiError(
+                413,
+                "image_too_large",
+                f"instances[{i}] has {len(inst) * len(inst[0])} pixels, "
+                f"over the limit of {limits.max_pixels} (serve.max_pixels)",
+            )
+        try:
+            arrays.append(array_from_unit_floats(np.asarray(inst, dtype=np.float64)))
+        except DataError as exc:
+            raise ApiError(422, "invalid_instances", f"instances[{i}]: {exc}") from None
+    return arrays
+
+
+def prepare_file(image: RawImage, index: int, spec: PreprocessSpec, max_pixels: int) -> np.ndarray:
+    """Decode one upload and preprocess it exactly as training did: uint8 ``(H, W, C)``."""
+    where = f"{FILES_FIELD}[{index}] ({image.filename})"
+    fmt = unsupported_format(image.data)
+    if fmt is not None:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"{where}: {fmt} images are not accepted; send PNG, JPEG, BMP, GIF or WebP",
+        )
+    try:
+        img = decode_image(image.data, max_pixels=max_pixels)
+        return image_to_array(img, spec)
+    except DataError as exc:
+        reason = getattr(exc, "reason", str(exc))
+        code = (
+            "image_too_large"
+            if "exceeds the limit" in reason or "bomb" in reason
+            else "invalid_image"
+        )
+        status = 413 if code == "image_too_large" else 400
+        raise ApiError(status, code, f"{where}: {reason}") from None
+    except (OSError, ValueError, MemoryError) as exc:  # anything Pillow raises past decode
+        raise ApiError(400, "invalid_image", f"{where}: cannot process image ({exc})") from None
+
+
+def prepare_instance(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """A JSON instance (uint8 ``(H, W, 1)``, ink high) as a model-sized uint8 image.
+
+    At the model's own size it is used as is (it already is what the model sees);
+    other sizes are centred/resized by the shared preprocessing, never inverted.
+    """
+    size = spec.image_size
+    if x.shape == (size, size, spec.channels):
+        return x
+    img = Image.fromarray(x[:, :, 0], mode="L")
+    return image_to_array(img, dataclasses.replace(spec, invert="never"))

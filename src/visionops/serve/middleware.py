@@ -1,0 +1,188 @@
+"""Pure ASGI middleware: request ids, metrics, the catch-all error and the body limit.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) so the body limit can count bytes as they stream
+in, and a too-large upload is refused before it is buffered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from visionops.serve.metrics import ServeMetrics
+from visionops.serve.schemas import error_body
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("visionops.serve.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+class BodyTooLargeError(Exception):
+    """The request body exceeds the configured limit (raised while streaming it)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body exceeds the limit of {limit} bytes")
+        self.limit = limit
+
+
+async def send_json(send: Send, status: int, body: dict[str, Any], headers: list[Any]) -> None:
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+def request_id_of(scope: Scope) -> str:
+    """The id the context middleware gave this request ('-' outside a request)."""
+    return str(scope.get("state", {}).get("request_id", "-"))
+
+
+class RequestContextMiddleware:
+    """Outermost layer: request id header, security headers, metrics and the catch-all.
+
+    Any exception that escapes the app becomes a logged 500 with a JSON body (and the
+    request id, to find the log line) instead of a dropped connection.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServeMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, REQUEST_ID_HEADER)
+        request_id = incoming if incoming and _CLIENT_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        extra = [
+            (b"x-request-id", request_id.encode()),
+            (b"x-content-type-options", b"nosniff"),
+        ]
+        status = 500
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = int(message["status"])
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:
+            log.exception(
+                "unhandled error on %s %s (request %s)", scope["method"], scope["path"], request_id
+            )
+            if not started:
+                body = error_body(
+                    "internal_error", f"unexpected server error; request id {request_id}"
+                )
+                await send_json(send_wrapper, 500, body, [])
+        finally:
+            elapsed = time.perf_counter() - start
+            route = _route_label(scope)
+            labels = (route, scope["method"], str(status))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(elapsed)
+            access_log.info(
+                "%s %s %d %.1fms request_id=%s",
+                scope["method"],
+                scope["path"],
+                status,
+                elapsed * 1000,
+                request_id,
+            )
+
+
+class BodySizeLimitMiddleware:
+    """413 for bodies over ``max_bytes``: by Content-Length, and by counting streamed bytes."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, "content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.max_bytes
+            except ValueError:
+                await send_json(
+                    send, 400, error_body("bad_request", "invalid Content-Length header"), []
+                )
+                return
+            if too_big:
+                await self._refuse(send)
+                return
+
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLargeError(self.max_bytes)
+            return message
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, send_wrapper)
+        except BodyTooLargeError:
+            if started:
+                raise
+            await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        message = f"request body exceeds the limit of {self.max_bytes} bytes (serve.max_body_bytes)"
+        # Close the connection: the rest of the body is never read.
+        await send_json(
+            send, 413, error_body("payload_too_large", message), [(b"connection", b"close")]
+        )
+
+
+def _header(scope: Scope, name: str) -> str | None:
+    key = name.encode()
+    for k, v in scope.get("headers", []):
+        if k.lower() == key:
+            return str(v.decode("latin-1"))
+    return None
+
+
+def _route_label(scope: Scope) -> str:
+    # The route *template* (/v1/predict), never the raw path: unknown paths would
+    # otherwise create one time series each.
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return str(path) if path else "unmatched"

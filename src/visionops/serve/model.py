@@ -1,0 +1,198 @@
+"""The served model: an ONNX Runtime session plus the metadata that travels with it.
+
+Loading validates everything a request will rely on (files, metadata, input and output
+names, output shapes, a warm-up run), so a broken model is refused at load time — at
+start-up or on an admin reload — instead of failing requests later. No torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visionops.data.transforms import PreprocessSpec
+from visionops.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+METADATA_FILE = "metadata.json"
+OUTPUTS = ("probabilities", "embedding")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A local folder holding model.onnx + metadata.json, and where it came from."""
+
+    path: Path
+    name: str | None
+    version: str | None
+    alias: str | None
+
+
+def default_threads() -> int:
+    """CPU cores this process may use (respects affinity masks / container cpusets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_model_uri(uri: str) -> ResolvedModel:
+    """Turn ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a folder into a folder.
+
+    Registry URIs go through :func:`visionops.registry.resolve_served_model` (imported
+    only then: it pulls in MLflow); anything else is a folder path.
+    """
+    if uri.startswith("models:/"):
+        from visionops import registry
+
+        ref = registry.resolve_served_model(uri)
+        version = getattr(ref, "version", None)
+        return ResolvedModel(
+            path=Path(ref.path),
+            name=getattr(ref, "name", None),
+            version=None if version is None else str(version),
+            alias=getattr(ref, "alias", None),
+        )
+    return ResolvedModel(path=Path(uri), name=None, version=None, alias=None)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """One loaded, validated model. Immutable: a reload builds a new one and swaps it."""
+
+    name: str
+    version: str | None
+    alias: str | None
+    path: Path
+    metadata: dict[str, Any]
+    spec: PreprocessSpec
+    classes: tuple[str, ...]
+    input_name: str
+    embedding_dim: int
+    digest: str
+    session: Any = field(repr=False)
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one model input."""
+        return (self.spec.channels, self.spec.image_size, self.spec.image_size)
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities ``(N, K)`` and embeddings ``(N, D)`` for normalised ``(N, C, H, W)``."""
+        probs, emb = self.session.run(list(OUTPUTS), {self.input_name: x})
+        return np.asarray(probs, dtype=np.float32), np.asarray(emb, dtype=np.float32)
+
+
+def _session(model_bytes: bytes, path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    # One request batch at a time: use every core inside an operator, none across them.
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for invalid graphs
+        raise ModelError(f"{path}: ONNX Runtime cannot load the model ({exc})") from None
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: unreadable metadata ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{path}: metadata must be a JSON object")
+    classes = meta.get("classes")
+    if (
+        not isinstance(classes, list)
+        or not classes
+        or not all(isinstance(c, str) for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
+        raise ModelError(f"{path}: 'classes' must be a non-empty list of distinct names")
+    if not isinstance(meta.get("preprocess"), dict):
+        raise ModelError(f"{path}: 'preprocess' must be an object (PreprocessSpec.to_dict())")
+    return meta
+
+
+def load_model(source: ResolvedModel, threads: int | None = None) -> LoadedModel:
+    """Load and validate the model folder ``source.path``; raise :class:`ModelError`."""
+    folder = source.path
+    onnx_path, meta_path = folder / MODEL_FILE, folder / METADATA_FILE
+    if not folder.is_dir():
+        raise ModelError(f"model folder not found: {folder}")
+    for p in (onnx_path, meta_path):
+        if not p.is_file():
+            raise ModelError(
+                f"{folder}: missing {p.name} (expected {MODEL_FILE} + {METADATA_FILE})"
+            )
+    meta = _read_metadata(meta_path)
+    try:
+        spec = PreprocessSpec.from_dict(meta["preprocess"])
+    except Exception as exc:  # from_dict validates types; any failure means bad metadata
+        raise ModelError(f"{meta_path}: invalid 'preprocess' ({exc})") from None
+    model_bytes = onnx_path.read_bytes()
+    session = _session(model_bytes, onnx_path, threads or default_threads())
+
+    input_name = str(meta.get("input_name") or "input")
+    inputs = {i.name for i in session.get_inputs()}
+    outputs = {o.name for o in session.get_outputs()}
+    if input_name not in inputs:
+        raise ModelError(f"{onnx_path}: no input named '{input_name}' (has {sorted(inputs)})")
+    missing = [o for o in OUTPUTS if o not in outputs]
+    if missing:
+        raise ModelError(f"{onnx_path}: missing output(s) {missing} (has {sorted(outputs)})")
+
+    classes = tuple(meta["classes"])
+    model = LoadedModel(
+        name=str(source.name or meta.get("name") or folder.name),
+        version=source.version,
+        alias=source.alias,
+        path=folder,
+        metadata=meta,
+        spec=spec,
+        classes=classes,
+        input_name=input_name,
+        embedding_dim=0,
+        digest=hashlib.sha256(model_bytes).hexdigest()[:16],
+        session=session,
+    )
+    # Warm-up run: proves the graph accepts the metadata's input size and answers with
+    # one probability per class, so requests never meet a shape error.
+    try:
+        probs, emb = model.run(np.zeros((2, *model.input_shape), dtype=np.float32))
+    except Exception as exc:
+        raise ModelError(
+            f"{onnx_path}: test inference on a {model.input_shape} input failed ({exc})"
+        ) from None
+    if probs.shape != (2, len(classes)):
+        raise ModelError(
+            f"{onnx_path}: 'probabilities' has shape {probs.shape[1:]}, "
+            f"expected ({len(classes)},) for {len(classes)} classes"
+        )
+    if emb.ndim != 2 or emb.shape[0] != 2:
+        raise ModelError(f"{onnx_path}: 'embedding' must be (N, D), got {emb.shape}")
+    if not np.all(np.isfinite(probs)) or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+        raise ModelError(f"{onnx_path}: 'probabilities' are not a softmax (rows must sum to 1)")
+    log.info("loaded model %s version %s from %s", model.name, model.version, folder)
+    return replace(model, embedding_dim=int(emb.shape[1]))
+
+
+def load_from_uri(uri: str, threads: int | None = None) -> LoadedModel:
+    """Resolve ``uri`` (registry alias/version or folder) and load it."""
+    return load_model(resolve_model_uri(uri), threads=threads)

@@ -1,0 +1,198 @@
+"""HTTP routes: parse the request, call the service, return a schema. Nothing else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from visionops.config import ServeParams
+from visionops.serve.deps import ServiceDep, require_admin
+from visionops.serve.inputs import (
+    FILES_FIELD,
+    ApiError,
+    RawImage,
+    parse_instances,
+    prepare_file,
+    prepare_instance,
+    read_multipart,
+)
+from visionops.serve.model import LoadedModel
+from visionops.serve.schemas import (
+    ErrorResponse,
+    HealthResponse,
+    InputSize,
+    ModelInfo,
+    PredictResponse,
+    ReadyResponse,
+    ReloadResponse,
+)
+from visionops.serve.service import PreparedInputs, model_ref, prepare_batch
+
+STATIC_DIR = Path(__file__).with_name("static")
+
+# Security headers for the web page: everything it loads comes from this server.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data: blob:; script-src 'self'; "
+        "style-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+        "frame-ancestors 'none'"
+    ),
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+_ERROR_DESCRIPTIONS = {
+    400: "Not an image, a corrupt/truncated file or malformed JSON/multipart",
+    401: "Missing or wrong bearer token",
+    403: "Admin endpoints disabled (VISIONOPS_ADMIN_TOKEN unset)",
+    409: "The new model was refused; the old one keeps serving",
+    413: "Body over serve.max_body_bytes, too many files, or too many pixels",
+    415: "Unsupported content type or image format",
+    422: "Well-formed but wrong: missing field, wrong shape, NaN/Inf or out-of-range values",
+    503: "No model loaded yet",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {c: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[c]} for c in codes}
+
+
+PREDICT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [FILES_FIELD],
+                    "properties": {
+                        FILES_FIELD: {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one or more PNG/JPEG/BMP/GIF/WebP images",
+                        }
+                    },
+                }
+            },
+            "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
+        },
+    }
+}
+
+router = APIRouter()
+
+
+@router.get("/healthz", response_model=HealthResponse, tags=["operations"])
+async def healthz() -> HealthResponse:
+    """Liveness: the process answers."""
+    return HealthResponse(status="ok")
+
+
+@router.get("/readyz", response_model=ReadyResponse, responses=_errors(503), tags=["operations"])
+async def readyz(service: ServiceDep) -> ReadyResponse:
+    """Readiness: 200 once a model is loaded, 503 before (or if loading failed)."""
+    model = service.require_model()
+    return ReadyResponse(status="ready", model=model_ref(model))
+
+
+def _prepare_files(
+    files: list[RawImage], model: LoadedModel, limits: ServeParams
+) -> PreparedInputs:
+    pixels = [prepare_file(f, i, model.spec, limits.max_pixels) for i, f in enumerate(files)]
+    return prepare_batch(pixels, model)
+
+
+def _prepare_json(body: bytes, model: LoadedModel, limits: ServeParams) -> PreparedInputs:
+    pixels = [prepare_instance(a, model.spec) for a in parse_instances(body, limits)]
+    return prepare_batch(pixels, model)
+
+
+@router.post(
+    "/v1/predict",
+    response_model=PredictResponse,
+    responses=_errors(400, 413, 415, 422, 503),
+    openapi_extra=PREDICT_BODY,
+    tags=["prediction"],
+)
+async def predict(request: Request, service: ServiceDep) -> PredictResponse:
+    """Classify images: multipart ``files`` (one or more) or JSON ``instances``.
+
+    Predictions come back in input order. Images are decoded and preprocessed exactly
+    as at training time (inversion of dark-on-light images, MNIST-style centring).
+    """
+    model = service.require_model()  # the same model preprocesses and scores this request
+    limits = service.settings.serve
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "multipart/form-data":
+        files = await read_multipart(request, limits)
+        inputs = await run_in_threadpool(_prepare_files, files, model, limits)
+    elif media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        body = await request.body()
+        inputs = await run_in_threadpool(_prepare_json, body, model, limits)
+    else:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"content type {media or '(none)'!r} is not accepted; send multipart/form-data "
+            f"with field '{FILES_FIELD}' or application/json with 'instances'",
+        )
+    return await service.predict(model, inputs, request.state.request_id)
+
+
+@router.get("/v1/model", response_model=ModelInfo, responses=_errors(503), tags=["prediction"])
+async def model_info(service: ServiceDep) -> ModelInfo:
+    """The served model: name, version, alias, classes, input size and its metrics."""
+    model = service.require_model()
+    meta = model.metadata
+    metrics = meta.get("metrics")
+    return ModelInfo(
+        name=model.name,
+        version=model.version,
+        alias=model.alias,
+        architecture=meta.get("architecture"),
+        classes=list(model.classes),
+        input_size=InputSize(
+            channels=model.spec.channels, height=model.spec.image_size, width=model.spec.image_size
+        ),
+        preprocess=model.spec.to_dict(),
+        metrics=metrics if isinstance(metrics, dict) else {},
+        created=str(meta["created"]) if meta.get("created") else None,
+        git_sha=str(meta["git_sha"]) if meta.get("git_sha") else None,
+        digest=model.digest,
+        confidence_threshold=service.settings.serve.confidence_threshold,
+    )
+
+
+@router.post(
+    "/v1/admin/reload",
+    response_model=ReloadResponse,
+    responses=_errors(401, 403, 409),
+    dependencies=[Depends(require_admin)],
+    tags=["admin"],
+)
+async def reload_model(service: ServiceDep) -> ReloadResponse:
+    """Re-resolve the model URI (e.g. a moved ``champion`` alias) and swap atomically.
+
+    A model that fails validation is refused with 409 and the old one keeps serving.
+    """
+    return await service.reload()
+
+
+@router.get("/metrics", include_in_schema=True, tags=["operations"])
+async def metrics(service: ServiceDep) -> Response:
+    """Prometheus metrics of this process."""
+    if service.predlog is not None:
+        service.metrics.predlog_pending.set(service.predlog.pending)
+    return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    """The web page: draw or upload a digit and see the prediction."""
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=PAGE_HEADERS)

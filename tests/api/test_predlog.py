@@ -1,0 +1,342 @@
+"""The prediction log: statistics, batched background writes, drain on shutdown, export."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from conftest import MakeClient
+from PIL import Image
+from serve_fixtures import digit_png
+
+from visionops.errors import ConfigError, DataError
+from visionops.serve.predlog import (
+    InputStats,
+    PredictionLog,
+    PredictionRecord,
+    count_predictions,
+    export_predlog,
+    input_statistics,
+    now_utc,
+    predictions_table,
+    read_predictions,
+)
+
+BAR = np.zeros((28, 28, 1), np.uint8)
+BAR[4:24, 12:16] = 255  # a 4-pixel-wide vertical bar
+
+
+def record(i: int, request_id: str = "req") -> PredictionRecord:
+    return PredictionRecord(
+        created_at=now_utc(),
+        request_id=request_id,
+        input_index=i,
+        model_name="m",
+        model_version="3",
+        model_alias="champion",
+        label=str(i % 10),
+        class_index=i % 10,
+        confidence=0.5,
+        accepted=False,
+        probabilities={"0": 0.5, "1": 0.5},
+        embedding=[float(i), 0.25],
+        pixels=BAR,
+    )
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_input_statistics_of_known_images() -> None:
+    empty = input_statistics(np.zeros((28, 28, 1), np.uint8))
+    assert empty == InputStats(0.0, 0.0, 0, 0, 0.5, 0.5)
+
+    a = np.zeros((10, 20), np.uint8)
+    a[2:5, 4:10] = 255  # 3 rows × 6 columns of full ink
+    s = input_statistics(a)
+    assert s.bbox_height == 3 and s.bbox_width == 6
+    assert s.ink_fraction == pytest.approx(18 / 200)
+    assert s.mean_intensity == pytest.approx(18 / 200)
+    assert s.center_y == pytest.approx(3 / 9)
+    assert s.center_x == pytest.approx(6.5 / 19)
+
+    faint = np.full((8, 8), 100, np.uint8)  # grey haze below the ink threshold
+    f = input_statistics(faint)
+    assert f.ink_fraction == 0 and f.bbox_width == 0
+    assert f.mean_intensity == pytest.approx(100 / 255)
+
+
+def test_input_statistics_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError):
+        input_statistics(np.zeros((2, 2, 2, 2), np.uint8))
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def test_log_writes_every_row_and_drains_on_close(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'sub' / 'p.db'}"
+    plog = PredictionLog(url, batch_size=64)
+    plog.start()
+    plog.submit(record(i) for i in range(1000))
+    plog.close()  # immediately: whatever is still queued must be written now
+    assert plog.written == 1000 and plog.dropped == 0
+    assert count_predictions(url) == 1000
+    df = read_predictions(url)
+    assert list(df["input_index"]) == list(range(1000))
+    assert df["probabilities"][0] == {"0": 0.5, "1": 0.5}
+    np.testing.assert_allclose(df["embedding"][7], [7.0, 0.25])
+    assert df["model_alias"][0] == "champion"
+    assert (df["bbox_height"][0], df["bbox_width"][0]) == (20, 4)
+    assert df["stroke_thickness"][0] == pytest.approx(3.5, abs=0.5)
+    thumb = Image.open(io.BytesIO(base64.b64decode(df["thumbnail"][0])))
+    np.testing.assert_array_equal(np.asarray(thumb), BAR[:, :, 0])
+
+
+def test_table_without_the_optional_columns_still_gets_rows(tmp_path: Path) -> None:
+    """A log created before stroke_thickness/thumbnail existed keeps working."""
+    db = tmp_path / "old.db"
+    kept = [
+        c._copy()
+        for c in predictions_table.columns
+        if c.name not in ("thumbnail", "stroke_thickness")
+    ]
+    engine = sa.create_engine(f"sqlite:///{db}")
+    sa.Table("predictions", sa.MetaData(), *kept).create(engine)
+    engine.dispose()
+    plog = PredictionLog(f"sqlite:///{db}")
+    plog.start()
+    plog.submit(record(i) for i in range(5))
+    plog.close()
+    assert plog.written == 5
+    assert count_predictions(f"sqlite:///{db}") == 5
+
+
+def test_sqlite_uses_wal(tmp_path: Path) -> None:
+    db = tmp_path / "p.db"
+    plog = PredictionLog(f"sqlite:///{db}")
+    plog.start()
+    plog.close()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_submit_does_not_wait_for_a_locked_database(tmp_path: Path) -> None:
+    """Requests only enqueue: a database busy with someone else never blocks them."""
+    db = tmp_path / "p.db"
+    plog = PredictionLog(f"sqlite:///{db}")
+    plog.start()
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # nobody else can write until we commit
+    try:
+        plog.submit(record(i) for i in range(50))  # returns although nothing can be written
+        assert plog.written == 0
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    plog.close()
+    assert count_predictions(f"sqlite:///{db}") == 50
+
+
+def test_full_queue_drops_instead_of_blocking(tmp_path: Path) -> None:
+    plog = PredictionLog(f"sqlite:///{tmp_path / 'p.db'}", max_queue=10)
+    # Not started: nothing consumes the queue.
+    plog.submit(record(i) for i in range(15))
+    assert plog.dropped == 5 and plog.pending == 10
+
+
+# --------------------------------------------------------------------------- served
+
+
+def test_every_served_prediction_is_logged(make_client: MakeClient, predlog_url: str) -> None:
+    client = make_client()
+    request_ids, served = [], 0
+    for n in (1, 3, 2):
+        pngs = [digit_png(k) for k in ("zero", "one", "seven")[:n]]
+        r = client.post(
+            "/v1/predict",
+            files=[("files", (f"{i}.png", p, "image/png")) for i, p in enumerate(pngs)],
+        )
+        assert r.status_code == 200
+        request_ids.append(r.headers["x-request-id"])
+        served += len(r.json()["predictions"])
+        last = r.json()["predictions"]
+    r = client.post("/v1/predict", json={"instances": [np.zeros((28, 28)).tolist()]})
+    assert r.status_code == 200
+    served += 1
+    client.post(
+        "/v1/predict", content=b"junk", headers={"content-type": "text/plain"}
+    )  # not logged
+
+    client.__exit__(None, None, None)  # graceful shutdown drains the log
+    df = read_predictions(predlog_url)
+    assert len(df) == served == 7
+    assert set(df["request_id"][:6]) == set(request_ids)
+    third = df[df["request_id"] == request_ids[2]].sort_values("input_index")
+    assert list(third["label"]) == [p["label"] for p in last]
+    assert list(third["confidence"]) == pytest.approx([p["confidence"] for p in last])
+    assert third["probabilities"].iloc[0] == pytest.approx(last[0]["probabilities"])
+    assert set(df["model_name"]) == {"tiny-mnist"}
+    assert all(len(e) == 16 for e in df["embedding"])
+    assert (df["ink_fraction"][:6] > 0).all() and (df["bbox_height"][:6] > 0).all()
+    blank = df.iloc[-1]
+    assert blank["ink_fraction"] == 0 and blank["mean_intensity"] == 0
+    assert blank["stroke_thickness"] == 0
+    assert df["thumbnail"].notna().all()
+    assert df["created_at"].notna().all()
+
+
+def test_logging_can_be_disabled(make_client: MakeClient, predlog_url: str) -> None:
+    client = make_client(predlog_url=None)
+    assert (
+        client.post(
+            "/v1/predict", files=[("files", ("a.png", digit_png(), "image/png"))]
+        ).status_code
+        == 200
+    )
+    client.__exit__(None, None, None)
+    assert not Path(predlog_url.removeprefix("sqlite:///")).exists()
+
+
+# --------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_export(tmp_path: Path, fmt: str) -> None:
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    plog = PredictionLog(url)
+    plog.start()
+    plog.submit(record(i, request_id=f"r{i}") for i in range(12))
+    plog.close()
+    out = tmp_path / "exports" / f"predictions.{fmt}"
+    result = export_predlog(url, out, format=fmt)
+    assert result.rows == 12 and out.is_file()
+    assert "12 predictions" in result.describe()
+    df = pd.read_parquet(out) if fmt == "parquet" else pd.read_csv(out)
+    assert len(df) == 12
+    assert list(df["request_id"]) == [f"r{i}" for i in range(12)]
+    if fmt == "parquet":
+        assert list(df["embedding"][3]) == [3.0, 0.25]
+    else:
+        assert json.loads(df["embedding"][3]) == [3.0, 0.25]
+    assert json.loads(df["probabilities"][0]) == {"0": 0.5, "1": 0.5}
+
+
+def test_export_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no prediction log"):
+        export_predlog(f"sqlite:///{tmp_path / 'missing.db'}", tmp_path / "x.parquet")
+    with pytest.raises(ConfigError, match="unknown export format"):
+        export_predlog(f"sqlite:///{tmp_path / 'p.db'}", tmp_path / "x.xlsx", format="xlsx")
+    sqlite3.connect(tmp_path / "other.db").execute("CREATE TABLE t (x)").connection.close()
+    with pytest.raises(DataError, match="no 'predictions' table"):
+        export_predlog(f"sqlite:///{tmp_path / 'other.db'}", tmp_path / "x.csv", format="csv")
+
+
+# --------------------------------------------------------------------------- postgres
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pg_bin() -> Path | None:
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
+    found = shutil.which("initdb")
+    return candidates[0].parent if candidates else (Path(found).parent if found else None)
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"PostgreSQL is required in CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server (VISIONOPS_TEST_POSTGRES_URL to use an existing one)."""
+    if url := os.environ.get("VISIONOPS_TEST_POSTGRES_URL"):
+        yield url
+        return
+    bindir = _pg_bin()
+    if bindir is None or not (bindir / "pg_ctl").exists():
+        _unavailable("PostgreSQL server binaries not installed")
+    assert bindir is not None
+    base = Path(tempfile.mkdtemp(prefix="visionops-pg-"))
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres user
+        prefix = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(base, user="postgres")
+    data, port = base / "data", _free_port()
+    try:
+        subprocess.run(
+            [*prefix, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                *prefix,
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(base / "log"),
+                "-w",
+                "-o",
+                f"-k {base} -p {port} -c listen_addresses=''",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+        )
+    except (subprocess.CalledProcessError, OSError) as exc:
+        shutil.rmtree(base, ignore_errors=True)
+        detail = getattr(exc, "stderr", b"") or b""
+        _unavailable(f"cannot start PostgreSQL: {exc} {detail.decode(errors='replace')[-500:]}")
+    try:
+        yield f"postgresql+psycopg2://postgres@/postgres?host={base}&port={port}"
+    finally:
+        subprocess.run(
+            [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+            check=False,
+            capture_output=True,
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.postgres
+def test_postgres_log_and_export(
+    postgres_url: str, make_client: MakeClient, tmp_path: Path
+) -> None:
+    engine = sa.create_engine(postgres_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE IF EXISTS predictions"))
+    engine.dispose()
+
+    client = make_client(predlog_url=postgres_url)
+    files = [
+        ("files", (f"{i}.png", digit_png(k), "image/png")) for i, k in enumerate(("zero", "one"))
+    ]
+    for _ in range(3):
+        assert client.post("/v1/predict", files=files).status_code == 200
+    client.__exit__(None, None, None)
+    assert count_predictions(postgres_url) == 6
+    df = read_predictions(postgres_url)
+    assert all(len(e) == 16 for e in df["embedding"])
+    result = export_predlog(postgres_url, tmp_path / "pg.parquet")
+    assert result.rows == 6
