@@ -1,0 +1,375 @@
+"""Export the selected model to ONNX and prove the export computes what torch computes.
+
+The exported folder (``layout.export_dir``) is everything serving needs and nothing it
+must not need: ``model.onnx`` (input ``input`` float32 ``(N, C, H, W)``, already
+normalised, dynamic ``N``; outputs ``probabilities`` — softmax in the graph — and
+``embedding``) and ``metadata.json`` (classes, preprocessing, metrics, parity).
+
+torch is imported inside the functions that need it: the ONNX Runtime helpers at the
+bottom (sessions, batched prediction, latency) are shared with the promotion gate and
+must stay importable without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from visionops.errors import DataError, ModelError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from visionops.config import Params
+    from visionops.layout import Layout
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+INPUT_NAME = "input"
+OUTPUT_NAMES = ("probabilities", "embedding")
+MODEL_FILE = "model.onnx"
+METADATA_FILE = "metadata.json"
+#: Test images used for the torch/ONNX Runtime parity check.
+PARITY_SAMPLES = 64
+LATENCY_RUNS = 50
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What the export stage produced and how faithful the ONNX graph is."""
+
+    model: str
+    architecture: str
+    onnx_path: Path
+    metadata_path: Path
+    parity_max_abs_diff: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    onnx_bytes: int
+    exporter: str
+    opset: int = OPSET
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "parity_max_abs_diff": self.parity_max_abs_diff,
+            "onnx_latency_p50_ms": self.latency_p50_ms,
+            "onnx_latency_p95_ms": self.latency_p95_ms,
+            "onnx_size_mb": self.onnx_bytes / 1e6,
+        }
+
+    def describe(self) -> str:
+        return (
+            f"{self.model} ({self.architecture}) to {self.onnx_path} "
+            f"[{self.onnx_bytes / 1e6:.2f} MB, opset {self.opset}]: "
+            f"parity max |diff| {self.parity_max_abs_diff:.2e}, "
+            f"ONNX Runtime p95 {self.latency_p95_ms:.2f} ms at batch 1"
+        )
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def read_json(path: Path, produced_by: str) -> dict[str, Any]:
+    """A JSON object from ``path``; a missing or malformed file names itself."""
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `{produced_by}` first")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` (uint8 N,H,W,C) and ``y`` (int64) of a prepared split."""
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `visionops prepare` first")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            x, y = data["x"], data["y"]
+    except KeyError as exc:
+        raise DataError(f"{path}: missing array {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npz ({exc})") from None
+    return x, y.astype(np.int64)
+
+
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The top-level numbers of an evaluation metrics file (booleans excluded)."""
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def git_sha(root: Path) -> str | None:
+    """The commit the project is at, or None outside git / before the first commit."""
+    try:
+        proc = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    sha = proc.stdout.strip()
+    return sha if proc.returncode == 0 and sha else None
+
+
+# --------------------------------------------------------------------------- torch side
+
+
+def export_module(model: nn.Module) -> nn.Module:
+    """Wrap a zoo model so one graph returns ``(softmax probabilities, embedding)``.
+
+    Uses the zoo contract ``forward(x) == head(forward_features(x))``: the head is
+    applied to the embedding so the features are computed once.
+    """
+    import torch
+
+    class ProbabilitiesAndEmbedding(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            features = self.inner.forward_features(x)
+            head = getattr(self.inner, "head", None)
+            logits = head(features) if callable(head) else self.inner(x)
+            return torch.softmax(logits, dim=1), features
+
+    return ProbabilitiesAndEmbedding(model).eval()
+
+
+def export_onnx(module: nn.Module, example: np.ndarray, path: Path, opset: int = OPSET) -> str:
+    """Write ``module`` (see :func:`export_module`) as one self-contained ONNX file.
+
+    The torch.export-based exporter is used with a dynamic batch dimension; the legacy
+    TorchScript exporter is the fallback for models it cannot trace. Returns the name of
+    the exporter that succeeded.
+    """
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(example, dtype=np.float32))
+    if x.shape[0] < 2:
+        # torch.export specialises a dimension of size 1; an example batch of 2 keeps N free.
+        x = torch.cat([x, x])
+    # The exporter logs one warning per missing torchvision op, its optimiser narrates
+    # every pass, and torch warns about its own internals: none of it is actionable here.
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING if lg.name != "torch.onnx" else logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return _export_with_fallback(module, x, path, opset)
+    finally:
+        for lg, lvl in zip(loggers, levels, strict=True):
+            lg.setLevel(lvl)
+
+
+def _export_with_fallback(module: nn.Module, x: Any, path: Path, opset: int) -> str:
+    import torch
+
+    try:
+        torch.onnx.export(
+            module,
+            (x,),
+            str(path),
+            dynamo=True,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+        )
+        return "torch.export"
+    except Exception as exc:  # the exporter raises many types; the fallback decides
+        log.warning("torch.export-based ONNX export failed (%s); using the legacy one", exc)
+    try:
+        torch.onnx.export(
+            module,
+            (x,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            dynamic_axes={n: {0: "batch"} for n in (INPUT_NAME, *OUTPUT_NAMES)},
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+        )
+    except Exception as exc:
+        raise ModelError(f"ONNX export to {path} failed: {exc}") from exc
+    return "torchscript"
+
+
+def check_parity(onnx_path: Path, module: nn.Module, x: np.ndarray, atol: float) -> float:
+    """Max |ONNX Runtime - torch| of the probabilities on ``x``; ModelError above ``atol``.
+
+    Embeddings are compared too, relative to their scale (they are unbounded activations).
+    """
+    import torch
+
+    session = open_session(onnx_path)
+    got_probs, got_emb = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+    with torch.no_grad():
+        want_probs, want_emb = (t.numpy() for t in module(torch.from_numpy(x)))
+    if got_probs.shape != want_probs.shape or got_emb.shape != want_emb.shape:
+        raise ModelError(
+            f"{onnx_path}: ONNX output shapes {got_probs.shape}, {got_emb.shape} differ from "
+            f"torch's {want_probs.shape}, {want_emb.shape}"
+        )
+    diff = float(np.max(np.abs(got_probs - want_probs))) if got_probs.size else 0.0
+    emb_scale = max(1.0, float(np.max(np.abs(want_emb)))) if want_emb.size else 1.0
+    emb_diff = float(np.max(np.abs(got_emb - want_emb))) / emb_scale if want_emb.size else 0.0
+    if not np.isfinite(diff) or diff > atol:
+        raise ModelError(
+            f"{onnx_path}: ONNX Runtime and torch disagree: max |probability diff| {diff:.3g} "
+            f"> gate.parity_atol {atol:g} on {len(x)} test images"
+        )
+    if not np.isfinite(emb_diff) or emb_diff > atol:
+        raise ModelError(
+            f"{onnx_path}: ONNX Runtime and torch embeddings disagree: relative max |diff| "
+            f"{emb_diff:.3g} > gate.parity_atol {atol:g} on {len(x)} test images"
+        )
+    return diff
+
+
+def run_export(params: Params, layout: Layout) -> ExportResult:
+    """Export the best model of ``layout.comparison_json`` to ``layout.export_dir``."""
+    import torch
+
+    from visionops.data.transforms import PreprocessSpec, normalize
+    from visionops.models.zoo import load_trained
+
+    comparison = read_json(layout.comparison_json, "visionops compare")
+    best = comparison.get("best_model")
+    if not isinstance(best, str) or not best:
+        raise DataError(f"{layout.comparison_json}: no 'best_model' (got {best!r})")
+    model_dir = layout.model_dir(best)
+    for required in (model_dir / "model.pt", model_dir / "config.json"):
+        if not required.is_file():
+            raise ModelError(f"{required} not found: run `visionops train {best}` first")
+    metrics = read_json(layout.eval_metrics(best), f"visionops evaluate {best}")
+
+    torch.manual_seed(params.seed)
+    model, config = load_trained(model_dir)
+    if "preprocess" in config:
+        spec = PreprocessSpec.from_dict(config["preprocess"])
+    else:
+        spec = PreprocessSpec.from_meta(read_json(layout.prepared_meta, "visionops prepare"))
+    classes = config.get("classes")
+    if not isinstance(classes, list) or not classes:
+        raise ModelError(f"{model_dir / 'config.json'}: no 'classes' list")
+    x_test, _ = load_split(layout.split_npz("test"))
+    if len(x_test) == 0:
+        raise DataError(f"{layout.split_npz('test')}: the test split is empty")
+    x = normalize(x_test[:PARITY_SAMPLES], spec)
+
+    module = export_module(model)
+    # Build the folder beside the real one and swap it in only when parity holds, so a
+    # failed export never leaves a half-written model where serving looks for one.
+    staging = layout.export_dir.with_name(layout.export_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        onnx_path = staging / MODEL_FILE
+        exporter = export_onnx(module, x[:2], onnx_path)
+        parity = check_parity(onnx_path, module, x, params.gate.parity_atol)
+        p50, p95 = latency_ms(open_session(onnx_path), x[:1])
+        architecture = str(config.get("architecture", best))
+        metadata = {
+            "name": params.model_name(),
+            "architecture": architecture,
+            "classes": [str(c) for c in classes],
+            "preprocess": spec.to_dict(),
+            "input_name": INPUT_NAME,
+            "outputs": list(OUTPUT_NAMES),
+            "metrics": numeric_metrics(metrics),
+            "parity_max_abs_diff": parity,
+            "opset": OPSET,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "git_sha": git_sha(layout.root),
+        }
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        shutil.rmtree(layout.export_dir, ignore_errors=True)
+        staging.rename(layout.export_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    onnx_final = layout.export_dir / MODEL_FILE
+    log.info("exported %s with %s, parity %.2e", best, exporter, parity)
+    return ExportResult(
+        model=best,
+        architecture=architecture,
+        onnx_path=onnx_final,
+        metadata_path=layout.export_dir / METADATA_FILE,
+        parity_max_abs_diff=parity,
+        latency_p50_ms=p50,
+        latency_p95_ms=p95,
+        onnx_bytes=onnx_final.stat().st_size,
+        exporter=exporter,
+    )
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+# No torch below this line: the gate uses these helpers.
+
+
+def open_session(path: Path, threads: int = 0) -> Any:
+    """An ONNX Runtime CPU session; ``threads=0`` lets ONNX Runtime choose."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for unreadable graphs
+        raise ModelError(f"{path}: ONNX Runtime cannot load the model ({exc})") from None
+
+
+def predict_probabilities(session: Any, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """``probabilities`` for normalised ``x`` (N, C, H, W), in batches."""
+    chunks = [
+        session.run([OUTPUT_NAMES[0]], {INPUT_NAME: x[i : i + batch_size]})[0]
+        for i in range(0, len(x), batch_size)
+    ]
+    if not chunks:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def latency_ms(
+    session: Any, x1: np.ndarray, runs: int = LATENCY_RUNS, warmup: int = 5
+) -> tuple[float, float]:
+    """(p50, p95) wall time in milliseconds of one ``session.run`` on the batch ``x1``."""
+    feed = {INPUT_NAME: np.ascontiguousarray(x1, dtype=np.float32)}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1000.0)
+    p50, p95 = np.percentile(times, [50, 95])
+    return float(p50), float(p95)
