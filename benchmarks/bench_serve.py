@@ -61,7 +61,9 @@ def tree_rss_mb(pid: int) -> float:
     total = 0
     pids = [pid]
     try:
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True
+        )
         pids += [int(p) for p in out.stdout.split()]
     except Exception:
         pass
@@ -79,8 +81,8 @@ def multipart_body(pngs: list[bytes]) -> bytes:
     parts = []
     for i, png in enumerate(pngs):
         parts.append(
-            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"files\"; "
-            f"filename=\"{i}.png\"\r\nContent-Type: image/png\r\n\r\n".encode()
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; '
+            f'filename="{i}.png"\r\nContent-Type: image/png\r\n\r\n'.encode()
             + png
             + b"\r\n"
         )
@@ -96,9 +98,25 @@ def png_bytes(img: np.ndarray) -> bytes:
 def hey(url: str, body: Path, content_type: str, concurrency: int, seconds: int) -> dict[str, Any]:
     """Run hey for `seconds` and summarise its per-request CSV."""
     proc = subprocess.run(
-        ["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-m", "POST", "-T", content_type,
-         "-D", str(body), "-o", "csv", url],
-        capture_output=True, text=True, check=True,
+        [
+            "hey",
+            "-z",
+            f"{seconds}s",
+            "-c",
+            str(concurrency),
+            "-m",
+            "POST",
+            "-T",
+            content_type,
+            "-D",
+            str(body),
+            "-o",
+            "csv",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     lat = np.array([float(r["response-time"]) for r in rows]) * 1000.0
@@ -122,7 +140,9 @@ def raw_onnx_images_per_second(model_dir: Path, x: np.ndarray, seconds: float = 
     opts.intra_op_num_threads = os.cpu_count() or 1
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    sess = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"]
+    )
     sess.run(None, {"input": x})
     n, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
@@ -165,35 +185,63 @@ def main() -> None:
 
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "model": {"uri": args.model_uri, "version": ref.version, "architecture": meta.get("architecture")},
+        "model": {
+            "uri": args.model_uri,
+            "version": ref.version,
+            "architecture": meta.get("architecture"),
+        },
         "seconds_per_run": args.seconds,
-        "raw_onnxruntime_images_per_second_batch64": round(raw_onnx_images_per_second(ref.path, x64), 1),
+        "raw_onnxruntime_images_per_second_batch64": round(
+            raw_onnx_images_per_second(ref.path, x64), 1
+        ),
     }
 
     servers = {
         "visionops": (
             [str(BIN / "visionops"), "serve", "--model-uri", args.model_uri, "--port", "{port}"],
-            "/readyz", "/v1/predict", mp, "visionops",
+            "/readyz",
+            "/v1/predict",
+            mp,
+            "visionops",
         ),
         "mlflow": (
-            [str(BIN / "mlflow"), "models", "serve", "-m", args.model_uri, "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", "{port}"],
-            "/ping", "/invocations", "application/json", "mlflow",
+            [
+                str(BIN / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                args.model_uri,
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                "{port}",
+            ],
+            "/ping",
+            "/invocations",
+            "application/json",
+            "mlflow",
         ),
     }
     for name, (cmd, ready, route, ctype, key) in servers.items():
         port = free_port()
         server_env = dict(env, VISIONOPS_PREDLOG_URL=f"sqlite:///{work / 'predlog.db'}")
         proc = subprocess.Popen(
-            [c.replace("{port}", str(port)) for c in cmd], env=server_env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [c.replace("{port}", str(port)) for c in cmd],
+            env=server_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             base = f"http://127.0.0.1:{port}"
             wait_ready(base + ready)
             entry: dict[str, Any] = {}
             for conc in (1, 16):
-                entry[f"single_c{conc}"] = hey(base + route, bodies[f"{key}-1"][0], ctype, conc, args.seconds)
+                entry[f"single_c{conc}"] = hey(
+                    base + route, bodies[f"{key}-1"][0], ctype, conc, args.seconds
+                )
             batch = hey(base + route, bodies[f"{key}-64"][0], ctype, 4, args.seconds)
             batch["images_per_second"] = round(batch["requests_per_second"] * 64, 1)
             entry["batch64_c4"] = batch
@@ -205,16 +253,25 @@ def main() -> None:
 
     v, m = results["visionops"], results["mlflow"]
     results["ratios"] = {
-        "req_per_s_vs_mlflow_c16": round(v["single_c16"]["requests_per_second"] / m["single_c16"]["requests_per_second"], 2),
-        "batch64_vs_raw_onnxruntime": round(v["batch64_c4"]["images_per_second"] / results["raw_onnxruntime_images_per_second_batch64"], 3),
+        "req_per_s_vs_mlflow_c16": round(
+            v["single_c16"]["requests_per_second"] / m["single_c16"]["requests_per_second"], 2
+        ),
+        "batch64_vs_raw_onnxruntime": round(
+            v["batch64_c4"]["images_per_second"]
+            / results["raw_onnxruntime_images_per_second_batch64"],
+            3,
+        ),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serve.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
-        "# Serving benchmark", "",
+        "# Serving benchmark",
+        "",
         f"Model `{args.model_uri}` (version {ref.version}, {meta.get('architecture')}), "
-        f"{os.cpu_count()} cores, `hey` on 127.0.0.1, {args.seconds} s per run.", "",
-        "| server | c=1 req/s | c=1 p50 / p99 ms | c=16 req/s | c=16 p50 / p99 ms | 64-image req: images/s | errors | RSS MiB |",
+        f"{os.cpu_count()} cores, `hey` on 127.0.0.1, {args.seconds} s per run.",
+        "",
+        "| server | c=1 req/s | c=1 p50 / p99 ms | c=16 req/s | c=16 p50 / p99 ms "
+        "| 64-image req: images/s | errors | RSS MiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in ("visionops", "mlflow"):
@@ -226,13 +283,14 @@ def main() -> None:
             f"{s16['requests_per_second']} | {s16['p50_ms']} / {s16['p99_ms']} | "
             f"{b['images_per_second']} | {errors} | {e['rss_mb']} |"
         )
+    ratios = results["ratios"]
     lines += [
         "",
         f"Raw ONNX Runtime at batch 64 in the same run: "
         f"{results['raw_onnxruntime_images_per_second_batch64']} images/s.",
-        f"visionops / mlflow requests/s at c=16: **{results['ratios']['req_per_s_vs_mlflow_c16']}×** (target ≥ 10×); "
-        f"64-image requests reach **{results['ratios']['batch64_vs_raw_onnxruntime']:.0%}** of raw ONNX Runtime "
-        "(target ≥ 80 %).",
+        f"visionops / mlflow requests/s at c=16: **{ratios['req_per_s_vs_mlflow_c16']}×** "
+        f"(target ≥ 10×); 64-image requests reach "
+        f"**{ratios['batch64_vs_raw_onnxruntime']:.0%}** of raw ONNX Runtime (target ≥ 80 %).",
         "",
         "The load generator shares the machine's cores with the server it measures.",
     ]

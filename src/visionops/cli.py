@@ -366,6 +366,140 @@ def predlog_export(
     out.print(f"exported {result.describe()}")
 
 
+# --------------------------------------------------------------------------- monitoring
+
+monitor_app = typer.Typer(
+    help="Watch the served model: drift checks and the monitoring report.", no_args_is_help=True
+)
+app.add_typer(monitor_app, name="monitor")
+
+ReferenceOpt = Annotated[
+    str,
+    typer.Option(
+        "--reference",
+        help="model folder holding reference.json, the file itself, or models:/NAME@ALIAS",
+    ),
+]
+PredlogOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--predlog-url", help="database URL (default: VISIONOPS_PREDLOG_URL, else ./predictions.db)"
+    ),
+]
+
+
+@app.command()
+@handle_errors
+def simulate(
+    scenario: Annotated[
+        str,
+        typer.Option(help="mnist, foreign-digits, noise, rotation, inverted, blur or label-shift"),
+    ] = "mnist",
+    count: Annotated[int, typer.Option("--n", "--count", "-n", help="images to send")] = 200,
+    url: Annotated[str, typer.Option(help="the running service")] = "http://127.0.0.1:8000",
+    rate: Annotated[
+        float | None, typer.Option(help="requests per second (default: as fast as answered)")
+    ] = None,
+    batch: Annotated[int, typer.Option(help="images per request")] = 1,
+    image_format: Annotated[
+        str,
+        typer.Option("--format", help="json (the service sees these pixels) or png uploads"),
+    ] = "json",
+    timeout: Annotated[float, typer.Option(help="seconds per request")] = 10.0,
+    max_seconds: Annotated[float, typer.Option(help="stop sending after this long")] = 300.0,
+    seed: Annotated[int, typer.Option(help="which images")] = 0,
+    mnist_dir: Annotated[Path, typer.Option(help="folder with the MNIST t10k-* files")] = Path(
+        "data/raw/mnist"
+    ),
+    allow_remote: Annotated[
+        bool, typer.Option(help="allow a host other than localhost / 127.0.0.1 / ::1")
+    ] = False,
+) -> None:
+    """Send real requests with known drift (or none) to a running service."""
+    from visionops.monitor.simulate import simulate as send
+
+    result = send(
+        url,
+        scenario,
+        count,
+        rate=rate,
+        batch=batch,
+        timeout=timeout,
+        image_format=image_format,
+        allow_remote=allow_remote,
+        seed=seed,
+        mnist_dir=mnist_dir,
+        max_seconds=max_seconds,
+    )
+    out.print(f"simulated {result.describe()}")
+    if result.ok == 0:
+        raise typer.Exit(1)
+
+
+@monitor_app.command("check")
+@handle_errors
+def monitor_check(
+    window: Annotated[
+        int | None, typer.Option(help="the last N predictions (with --since: of that range)")
+    ] = 500,
+    since: Annotated[str | None, typer.Option(help="ISO 8601 start, UTC if no offset")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO 8601 end (exclusive)")] = None,
+    reference: ReferenceOpt = "exported",
+    predlog_url: PredlogOpt = None,
+    webhook: Annotated[
+        str | None,
+        typer.Option(help="POST a JSON alert here on drift (default: VISIONOPS_ALERT_WEBHOOK)"),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print the full report")] = False,
+) -> None:
+    """Test recent predictions for drift: exit 0 without drift, 1 with drift, 2 on bad input."""
+    from visionops.config import load_settings
+    from visionops.monitor.check import run_check
+
+    settings = load_settings()
+    result = run_check(
+        window,
+        predlog_url or settings.predlog_url,
+        reference,
+        webhook or settings.webhook_url,
+        since=since,
+        until=until,
+    )
+    if json_output:
+        _print_json(result.report.to_dict())
+    else:
+        out.print(result.describe())
+        for test in result.report.drifted:
+            out.print(f"  {test.verdict}", highlight=False)
+    raise typer.Exit(result.exit_code)
+
+
+@monitor_app.command("report")
+@handle_errors
+def monitor_report(
+    window: Annotated[int, typer.Option(help="the last N predictions")] = 500,
+    reference: ReferenceOpt = "exported",
+    predlog_url: PredlogOpt = None,
+    output: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write")] = Path(
+        "reports/monitoring.html"
+    ),
+    history: Annotated[int, typer.Option(help="windows in the drift-over-time plot")] = 12,
+) -> None:
+    """Write the self-contained HTML monitoring report (also served at /monitoring)."""
+    from visionops.config import load_settings
+    from visionops.monitor.reference import resolve_reference
+    from visionops.monitor.report import write_monitoring_report
+
+    result = write_monitoring_report(
+        resolve_reference(reference),
+        predlog_url or load_settings().predlog_url,
+        output,
+        window,
+        history_windows=history,
+    )
+    out.print(result.describe())
+
+
 def main() -> None:
     app(prog_name="visionops")
 

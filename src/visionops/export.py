@@ -311,6 +311,15 @@ def run_export(params: Params, layout: Layout) -> ExportResult:
             "git_sha": git_sha(layout.root),
         }
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        # Monitoring: what this model sees and says on the validation split, stored with
+        # it (registration logs the whole folder, so it travels with every version).
+        from visionops.monitor.reference import build_reference_profile
+
+        x_val, y_val = load_split(layout.split_npz("val"))
+        reference = build_reference_profile(
+            staging, x_val, spec, y_val, classes=[str(c) for c in classes], seed=params.seed
+        )
+        log.info("reference profile: %s", reference.describe())
         shutil.rmtree(layout.export_dir, ignore_errors=True)
         staging.rename(layout.export_dir)
     finally:

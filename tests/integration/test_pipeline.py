@@ -127,8 +127,17 @@ def test_one_parent_run_with_a_nested_run_per_stage(workspace: Path, first_run) 
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     names = {r.info.run_name for r in children}
     expected = {
-        "ingest", "validate", "prepare", "train-cnn", "train-mlp", "evaluate-cnn",
-        "evaluate-mlp", "compare", "export", "register", "gate",
+        "ingest",
+        "validate",
+        "prepare",
+        "train-cnn",
+        "train-mlp",
+        "evaluate-cnn",
+        "evaluate-mlp",
+        "compare",
+        "export",
+        "register",
+        "gate",
     }
     assert expected <= names, names
     assert parents[0].info.status == "FINISHED"
@@ -141,9 +150,125 @@ def test_second_repro_is_a_noop_and_status_clean(workspace: Path, first_run) -> 
     assert "up to date" in again.stdout
 
 
-def test_bad_params_register_a_challenger_and_keep_the_champion(
-    workspace: Path, first_run
-) -> None:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve_and_post(
+    workspace: Path, cmd: list[str], ready: str, route: str, **request: object
+) -> dict:
+    """Start a server in the workspace, wait until `ready` answers 200, POST once."""
+    import httpx
+
+    port = _free_port()
+    env = _env(workspace)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workspace / 'mlflow.db'}"
+    env["VISIONOPS_PREDLOG_URL"] = f"sqlite:///{workspace / 'predictions.db'}"
+    proc = subprocess.Popen(
+        [c.replace("{port}", str(port)) for c in cmd],
+        cwd=workspace,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            if proc.poll() is not None:
+                raise AssertionError(f"{cmd} exited: {proc.stderr.read() if proc.stderr else ''}")
+            try:
+                if httpx.get(base + ready, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            import time
+
+            time.sleep(0.5)
+        response = httpx.post(base + route, timeout=30, **request)  # type: ignore[arg-type]
+        assert response.status_code == 200, response.text
+        return response.json()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _test_images(workspace: Path, n: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(workspace / "data" / "prepared" / "test.npz", allow_pickle=False) as z:
+        return z["x"][:n], z["y"][:n]
+
+
+def test_champion_served_by_visionops_from_the_registry(workspace: Path, first_run) -> None:
+    """`visionops serve` resolves models:/NAME@champion and answers like the ONNX file."""
+    import onnxruntime as ort
+
+    from visionops.data.transforms import PreprocessSpec, normalize
+
+    x, _ = _test_images(workspace)
+    meta = json.loads((workspace / "exported" / "metadata.json").read_text())
+    spec = PreprocessSpec.from_dict(meta["preprocess"])
+    sess = ort.InferenceSession(str(workspace / "exported" / "model.onnx"))
+    expected = sess.run(["probabilities"], {"input": normalize(x, spec)})[0]
+    body = _serve_and_post(
+        workspace,
+        [
+            str(BIN / "visionops"),
+            "serve",
+            "--port",
+            "{port}",
+            "--model-uri",
+            "models:/visionops-mnist@champion",
+        ],
+        "/readyz",
+        "/v1/predict",
+        json={"instances": (x[..., 0] / 255.0).tolist()},
+    )
+    assert body["model"]["name"] == "visionops-mnist"
+    assert str(body["model"]["version"]) == "1"
+    got = [p["class_index"] for p in body["predictions"]]
+    assert got == expected.argmax(axis=1).tolist()
+
+
+def test_champion_works_with_mlflow_models_serve(workspace: Path, first_run) -> None:
+    """The registered pyfunc model answers `mlflow models serve` with our probabilities."""
+    import onnxruntime as ort
+
+    from visionops.data.transforms import PreprocessSpec, normalize
+
+    x, _ = _test_images(workspace)
+    meta = json.loads((workspace / "exported" / "metadata.json").read_text())
+    inputs = normalize(x, PreprocessSpec.from_dict(meta["preprocess"]))
+    sess = ort.InferenceSession(str(workspace / "exported" / "model.onnx"))
+    expected = sess.run(["probabilities"], {"input": inputs})[0]
+    body = _serve_and_post(
+        workspace,
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/visionops-mnist@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "{port}",
+        ],
+        "/ping",
+        "/invocations",
+        json={"inputs": inputs.tolist()},
+    )
+    got = np.asarray(body["predictions"], dtype=np.float32)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_bad_params_register_a_challenger_and_keep_the_champion(workspace: Path, first_run) -> None:
     _write_params(workspace, {"train": {"lr": 1e-7, "models": ["mlp"]}})
     _run([str(BIN / "visionops"), "pipeline", "run"], workspace)
     client = _mlflow_client(workspace)
@@ -159,28 +284,33 @@ def test_bad_params_register_a_challenger_and_keep_the_champion(
 
 
 def _shapes_folder(root: Path) -> Path:
-    """Three classes of drawn shapes, dark ink on light paper, odd sizes and formats."""
+    """Three classes of drawn shapes, dark ink on light paper, odd sizes and formats.
+
+    Every shape has its own slant, proportions and stroke width, as real drawings do, so
+    no two images are the same after preprocessing.
+    """
+    from PIL import ImageDraw
+
     rng = np.random.default_rng(0)
     for cls in ("bar", "dot", "frame"):
         (root / cls).mkdir(parents=True)
         for i in range(40):
-            size = int(rng.integers(30, 70))
-            img = np.full((size, size), 255, np.uint8)
-            c, r = size // 2 + int(rng.integers(-3, 4)), size // 4
+            size = int(rng.integers(40, 90))
+            img = Image.new("L", (size, size), 255)
+            draw = ImageDraw.Draw(img)
+            c = size / 2
+            h = size * rng.uniform(0.25, 0.4)
+            w = size * rng.uniform(0.15, 0.35)
+            stroke = int(rng.integers(2, 7))
             if cls == "bar":
-                img[c - r : c + r, c - 2 : c + 3] = 0
+                slant = size * rng.uniform(-0.15, 0.15)
+                draw.line([(c - slant, c - h), (c + slant, c + h)], fill=0, width=stroke)
             elif cls == "dot":
-                yy, xx = np.ogrid[:size, :size]
-                img[(yy - c) ** 2 + (xx - c) ** 2 < r * r] = 0
+                draw.ellipse([c - w, c - h * 0.8, c + w, c + h * 0.8], fill=0)
             else:
-                img[c - r : c + r, c - r : c - r + 3] = 0
-                img[c - r : c + r, c + r - 3 : c + r] = 0
-                img[c - r : c - r + 3, c - r : c + r] = 0
-                img[c + r - 3 : c + r, c - r : c + r] = 0
-            # Paper texture: every image is unique, as real scans are.
-            img = np.clip(img.astype(int) - rng.integers(0, 40, img.shape), 0, 255).astype(np.uint8)
+                draw.rectangle([c - w, c - h, c + w, c + h], outline=0, width=stroke)
             ext = ("png", "jpg", "bmp")[i % 3]
-            Image.fromarray(img).save(root / cls / f"{cls}_{i}.{ext}")
+            img.save(root / cls / f"{cls}_{i}.{ext}")
     return root
 
 
@@ -188,11 +318,17 @@ def test_dvc_exp_run_on_an_image_folder(workspace: Path, first_run, tmp_path: Pa
     folder = _shapes_folder(tmp_path / "shapes")
     proc = _run(
         [
-            str(BIN / "dvc"), "exp", "run",
-            "-S", "data.source=imagefolder",
-            "-S", f"data.path={folder}",
-            "-S", "train.models=[mlp]",
-            "-S", "train.epochs=3",
+            str(BIN / "dvc"),
+            "exp",
+            "run",
+            "-S",
+            "data.source=imagefolder",
+            "-S",
+            f"data.path={folder}",
+            "-S",
+            "train.models=[mlp]",
+            "-S",
+            "train.epochs=3",
         ],
         workspace,
     )

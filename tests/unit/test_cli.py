@@ -12,9 +12,23 @@ from visionops.cli import app
 runner = CliRunner()
 
 COMMANDS = [
-    ["ingest"], ["download"], ["validate"], ["prepare"], ["train"], ["evaluate"], ["compare"],
-    ["export"], ["register"], ["gate"], ["promote"], ["rollback"], ["report"],
-    ["pipeline", "run"], ["pipeline", "summary"], ["serve"], ["predlog", "export"],
+    ["ingest"],
+    ["download"],
+    ["validate"],
+    ["prepare"],
+    ["train"],
+    ["evaluate"],
+    ["compare"],
+    ["export"],
+    ["register"],
+    ["gate"],
+    ["promote"],
+    ["rollback"],
+    ["report"],
+    ["pipeline", "run"],
+    ["pipeline", "summary"],
+    ["serve"],
+    ["predlog", "export"],
 ]
 
 

@@ -118,6 +118,9 @@ def create_app(settings: ServeSettings, model: LoadedModel | None = None) -> Fas
     )
     app.state.service = service
     app.include_router(router)
+    from visionops.monitor.api import install_monitoring
+
+    install_monitoring(app, service)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _install_error_handlers(app)
     _install_openapi(app)

@@ -1,0 +1,439 @@
+"""Drift detection: is the served traffic still what the model was validated on?
+
+:func:`detect_drift` runs, on a :class:`~visionops.monitor.window.Window` against a
+:class:`~visionops.monitor.reference.ReferenceProfile`:
+
+- a two-sample Kolmogorov–Smirnov test per image statistic and on the confidence
+  (input and output drift, one number at a time);
+- a chi-square test of the predicted-class counts, window vs reference (a 2×K
+  contingency table, so the reference's own sampling noise counts; a Monte Carlo
+  p-value when an expected count is below 5) — label or prior shift;
+- a kernel two-sample test on the embeddings: the maximum mean discrepancy (MMD) with an
+  RBF kernel whose bandwidth is the median heuristic, and a permutation p-value. The
+  kernel matrix is computed once; every permutation is one column of a weight matrix,
+  so all of them cost one matrix product.
+
+Every test reports a p-value. They are combined with a **Bonferroni** correction by
+default (each test at ``alpha / m`` for ``m`` tests): it holds the family-wise false
+alarm rate at ``alpha`` whatever the dependence between the tests (and they are
+dependent: ink fraction and mean intensity move together). Benjamini–Hochberg
+(``correction="bh"``) controls the false discovery rate instead and alarms more easily.
+
+NumPy and SciPy only: the server imports this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from visionops.errors import ConfigError
+from visionops.monitor.reference import ReferenceProfile
+from visionops.monitor.stats import STAT_DESCRIPTIONS
+from visionops.monitor.window import Window
+
+Correction = Literal["bonferroni", "bh"]
+
+#: Fewest logged values of a statistic for its test to run.
+MIN_VALUES = 30
+#: Fewest embeddings on each side for the MMD test to run.
+MIN_EMBEDDINGS = 10
+#: Newest window embeddings the MMD test uses (load no more than this for drift).
+MMD_WINDOW_SIZE = 500
+#: Reference embeddings the MMD test uses.
+MMD_REFERENCE_SIZE = 500
+#: Monte Carlo draws for the chi-square p-value when expected counts are small.
+CHI2_DRAWS = 2000
+_P_FLOOR = 1e-300
+
+
+@dataclass(frozen=True)
+class DriftTest:
+    """One test's outcome; ``drift`` is ``p_value <= threshold``."""
+
+    name: str  # the statistic tested: mean_intensity, confidence, predicted_class, embedding
+    method: str  # ks | chi2 | mmd
+    statistic: float
+    p_value: float | None
+    threshold: float
+    drift: bool
+    verdict: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def score(self) -> float:
+        """``log p / log threshold``: 1.0 at the threshold, above 1 when drifting."""
+        if self.p_value is None or self.threshold <= 0 or self.threshold >= 1:
+            return 0.0
+        return math.log(max(self.p_value, _P_FLOOR)) / math.log(self.threshold)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "method": self.method,
+            "statistic": _finite(self.statistic),
+            "p_value": _finite(self.p_value),
+            "threshold": self.threshold,
+            "drift": self.drift,
+            "score": round(self.score, 4),
+            "verdict": self.verdict,
+            "details": {
+                k: _finite(v) if isinstance(v, float) else v for k, v in self.details.items()
+            },
+        }
+
+
+def _finite(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """Every test on one window, and the overall decision."""
+
+    drift_detected: bool
+    tests: tuple[DriftTest, ...]
+    window: dict[str, Any]
+    reference: dict[str, Any]
+    alpha: float
+    correction: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def drift_score(self) -> float:
+        """The largest test score: 1.0 or more means drift (see :attr:`DriftTest.score`)."""
+        return max((t.score for t in self.tests), default=0.0)
+
+    @property
+    def drifted(self) -> list[DriftTest]:
+        return [t for t in self.tests if t.drift]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "drift_detected": self.drift_detected,
+            "drift_score": round(self.drift_score, 4),
+            "verdict": self.describe(),
+            "window": self.window,
+            "tests": [t.to_dict() for t in self.tests],
+            "reference": self.reference,
+            "alpha": self.alpha,
+            "correction": self.correction,
+            "notes": list(self.notes),
+        }
+
+    def summary(self) -> dict[str, float]:
+        out = {
+            "drift_detected": float(self.drift_detected),
+            "drift_score": self.drift_score,
+            "drifted_tests": float(len(self.drifted)),
+            "window_size": float(self.window.get("size") or 0),
+        }
+        for t in self.tests:
+            if t.p_value is not None:
+                out[f"p_{t.name}"] = t.p_value
+        return out
+
+    def describe(self) -> str:
+        n = self.window.get("size")
+        if not self.drift_detected:
+            return (
+                f"no drift in {n} predictions: all {len(self.tests)} tests within their "
+                f"thresholds ({self.correction}, alpha {self.alpha:g})"
+            )
+        names = ", ".join(t.name for t in self.drifted)
+        return (
+            f"DRIFT in {n} predictions: {len(self.drifted)} of {len(self.tests)} tests "
+            f"alarm ({names}; {self.correction}, alpha {self.alpha:g})"
+        )
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def ks_test(reference: np.ndarray, current: np.ndarray) -> tuple[float, float]:
+    """Two-sample Kolmogorov–Smirnov statistic and p-value."""
+    from scipy import stats
+
+    res = stats.ks_2samp(reference, current, alternative="two-sided", method="auto")
+    return float(res.statistic), float(res.pvalue)
+
+
+def _chi2_stat(obs: np.ndarray) -> np.ndarray:
+    """Pearson chi-square of 2×K contingency tables ``obs`` (..., 2, K)."""
+    rows = obs.sum(axis=-1, keepdims=True)
+    cols = obs.sum(axis=-2, keepdims=True)
+    total = rows.sum(axis=-2, keepdims=True)
+    expected = rows * cols / np.where(total > 0, total, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(expected > 0, (obs - expected) ** 2 / expected, 0.0)
+    result: np.ndarray = terms.sum(axis=(-2, -1))
+    return result
+
+
+def class_shift_test(
+    reference_counts: np.ndarray,
+    current_counts: np.ndarray,
+    rng: np.random.Generator,
+    draws: int = CHI2_DRAWS,
+) -> tuple[float, float, str]:
+    """Chi-square test that two count vectors come from one categorical distribution.
+
+    Returns (statistic, p-value, method). Categories empty on both sides are dropped.
+    The asymptotic chi-square distribution is used when every expected count is at least
+    5, otherwise a Monte Carlo p-value from multinomial draws under the pooled shares.
+    """
+    from scipy import stats
+
+    ref = np.asarray(reference_counts, dtype=np.float64)
+    cur = np.asarray(current_counts, dtype=np.float64)
+    keep = (ref + cur) > 0
+    table = np.stack([ref[keep], cur[keep]])
+    k = table.shape[1]
+    if k < 2:
+        return 0.0, 1.0, "one class only"
+    stat = float(_chi2_stat(table))
+    rows = table.sum(axis=1)
+    pooled = table.sum(axis=0) / table.sum()
+    expected = rows[:, None] * pooled[None, :]
+    if expected.min() >= 5:
+        return stat, float(stats.chi2.sf(stat, df=k - 1)), "chi-square"
+    sim = np.stack(
+        [
+            rng.multinomial(int(rows[0]), pooled, size=draws),
+            rng.multinomial(int(rows[1]), pooled, size=draws),
+        ],
+        axis=1,
+    ).astype(np.float64)
+    exceed = int((_chi2_stat(sim) >= stat - 1e-9).sum())
+    return stat, (1 + exceed) / (1 + draws), f"Monte Carlo ({draws} draws)"
+
+
+def mmd_permutation_test(
+    x: np.ndarray,
+    y: np.ndarray,
+    permutations: int,
+    rng: np.random.Generator,
+) -> tuple[float, float, float]:
+    """MMD² of samples ``x`` (n, D) and ``y`` (m, D) with an RBF kernel, and its p-value.
+
+    Bandwidth: the median heuristic, ``k(a, b) = exp(-|a - b|² / median |z_i - z_j|²)``
+    over the pooled sample. The statistic is the biased (V-statistic) MMD² ``wᵀ K w`` with
+    ``w = 1/n`` on ``x`` and ``-1/m`` on ``y``; permuting the pooled sample permutes
+    ``w``, so every permutation is a column of ``W`` and ``K @ W`` scores all of them in
+    one product. p-value: ``(1 + #{permuted ≥ observed}) / (1 + permutations)``.
+    Returns (MMD², p-value, median squared distance).
+    """
+    z = np.concatenate([x, y]).astype(np.float64)
+    n, m = len(x), len(y)
+    total = n + m
+    sq = (z * z).sum(axis=1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (z @ z.T), 0.0)
+    upper = d2[np.triu_indices(total, k=1)]
+    median = float(np.median(upper)) if upper.size else 0.0
+    if not median > 0:
+        median = float(upper.mean()) if upper.size and upper.mean() > 0 else 1.0
+    kernel = np.exp(-d2 / median).astype(np.float32)
+
+    w0 = np.concatenate([np.full(n, 1.0 / n), np.full(m, -1.0 / m)]).astype(np.float32)
+    perms = rng.permuted(np.tile(np.arange(total), (permutations, 1)), axis=1)
+    weights = np.concatenate([w0[:, None], w0[perms].T], axis=1)  # (total, 1 + P)
+    values = np.einsum("ip,ip->p", weights, kernel @ weights, dtype=np.float64)
+    observed = float(values[0])
+    exceed = int((values[1:] >= observed - 1e-12).sum())
+    return observed, (1 + exceed) / (1 + permutations), median
+
+
+# --------------------------------------------------------------------------- decision
+
+
+def thresholds(p_values: Sequence[float], alpha: float, correction: Correction) -> list[float]:
+    """The per-test significance level each p-value is compared with.
+
+    Bonferroni: ``alpha / m`` for all. Benjamini–Hochberg: with ``k`` the largest rank such
+    that ``p_(k) <= k alpha / m``, every test is compared with ``k alpha / m`` (so exactly
+    the BH rejections are flagged); ``alpha / m`` when there is no such ``k``.
+    """
+    m = len(p_values)
+    if m == 0:
+        return []
+    if correction == "bonferroni":
+        return [alpha / m] * m
+    if correction != "bh":
+        raise ConfigError(f"unknown correction {correction!r}; choose bonferroni or bh")
+    ranked = sorted(p_values)
+    k = max((i for i in range(1, m + 1) if ranked[i - 1] <= i * alpha / m), default=1)
+    return [k * alpha / m] * m
+
+
+def _fmt_p(p: float) -> str:
+    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def _ks_verdict(name: str, ref: np.ndarray, cur: np.ndarray, d: float, p: float, t: float) -> str:
+    what = STAT_DESCRIPTIONS.get(name, name)
+    medians = f"median {np.median(cur):.3g} now vs {np.median(ref):.3g} in the reference"
+    if p <= t:
+        return (
+            f"{name}: DRIFT — the {what} is distributed differently ({medians}; "
+            f"KS D = {d:.2f}, p = {_fmt_p(p)} ≤ {t:.2g})"
+        )
+    return f"{name}: no drift ({medians}; KS p = {_fmt_p(p)} > {t:.2g})"
+
+
+def _class_verdict(
+    classes: Sequence[str], ref_share: np.ndarray, cur_share: np.ndarray, p: float, t: float
+) -> str:
+    diff = cur_share - ref_share
+    i = int(np.argmax(np.abs(diff)))
+    label = classes[i] if i < len(classes) else "an unknown class"
+    change = f"'{label}' is {100 * cur_share[i]:.0f}% of predictions vs {100 * ref_share[i]:.0f}%"
+    if p <= t:
+        return (
+            "predicted_class: DRIFT — the mix of predicted classes changed "
+            f"({change}; p = {_fmt_p(p)} ≤ {t:.2g})"
+        )
+    return f"predicted_class: no drift (largest change: {change}; p = {_fmt_p(p)} > {t:.2g})"
+
+
+def detect_drift(
+    reference: ReferenceProfile,
+    window: Window,
+    *,
+    alpha: float = 0.05,
+    correction: Correction = "bonferroni",
+    permutations: int = 500,
+    mmd_reference_size: int = MMD_REFERENCE_SIZE,
+    mmd_window_size: int = MMD_WINDOW_SIZE,
+    seed: int = 0,
+) -> DriftReport:
+    """Test ``window`` against ``reference``; see the module docstring for the tests.
+
+    ``alpha`` is the overall false alarm rate the correction targets. The MMD test uses
+    seeded subsamples of at most ``mmd_reference_size`` reference and ``mmd_window_size``
+    window embeddings (the newest rows) and at least ``permutations`` permutations — more
+    when ``1 / (1 + permutations)``, the smallest possible p-value, would not be well below
+    the corrected threshold ``alpha / m``.
+    """
+    if not 0 < alpha < 1:
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha}")
+    if permutations < 1:
+        raise ConfigError(f"permutations must be at least 1, got {permutations}")
+    rng = np.random.default_rng(seed)
+    notes: list[str] = []
+    # (name, method, statistic, p, details, verdict builder)
+    raw: list[tuple[str, str, float, float, dict[str, Any], Any]] = []
+
+    for name, ref_values in reference.stats.items():
+        if name not in window.stats:
+            notes.append(f"{name} is not in the prediction log; not compared")
+            continue
+        cur = window.stats[name][np.isfinite(window.stats[name])]
+        if len(cur) < MIN_VALUES:
+            notes.append(f"{name}: only {len(cur)} logged values; not compared")
+            continue
+        d, p = ks_test(ref_values, cur)
+        details = {
+            "reference_median": float(np.median(ref_values)),
+            "current_median": float(np.median(cur)),
+            "reference_mean": float(np.mean(ref_values)),
+            "current_mean": float(np.mean(cur)),
+        }
+        raw.append((name, "ks", d, p, details, (ref_values, cur)))
+
+    d, p = ks_test(reference.confidence, window.confidence)
+    conf_details = {
+        "reference_median": float(np.median(reference.confidence)),
+        "current_median": float(np.median(window.confidence)),
+        "reference_mean": float(np.mean(reference.confidence)),
+        "current_mean": float(np.mean(window.confidence)),
+    }
+    raw.append(("confidence", "ks", d, p, conf_details, (reference.confidence, window.confidence)))
+
+    index = {c: i for i, c in enumerate(reference.classes)}
+    k = len(reference.classes)
+    current_counts = np.zeros(k + 1)
+    for label in window.labels:
+        current_counts[index.get(label, k)] += 1
+    reference_counts = np.append(reference.class_counts.astype(np.float64), 0.0)
+    stat, p, method = class_shift_test(reference_counts, current_counts, rng)
+    if current_counts[k]:
+        notes.append(
+            f"{int(current_counts[k])} prediction(s) name classes the reference does not know"
+        )
+    ref_share = reference_counts / max(reference_counts.sum(), 1)
+    cur_share = current_counts / max(current_counts.sum(), 1)
+    class_details: dict[str, Any] = {
+        "method": method,
+        "reference_share": {
+            c: round(float(ref_share[i]), 4) for i, c in enumerate(reference.classes)
+        },
+        "current_share": {
+            c: round(float(cur_share[i]), 4) for i, c in enumerate(reference.classes)
+        },
+    }
+    raw.append(("predicted_class", "chi2", stat, p, class_details, (ref_share, cur_share)))
+
+    ref_emb, cur_emb = reference.embeddings, window.embeddings
+    if cur_emb.ndim != 2 or len(cur_emb) < MIN_EMBEDDINGS or len(ref_emb) < MIN_EMBEDDINGS:
+        notes.append(f"embedding not compared: fewer than {MIN_EMBEDDINGS} embeddings on a side")
+    elif cur_emb.shape[1] != ref_emb.shape[1]:
+        notes.append(
+            f"embedding not compared: the log's embeddings have {cur_emb.shape[1]} values, "
+            f"the reference's {ref_emb.shape[1]} (another model answered?)"
+        )
+    else:
+        xs = ref_emb
+        if len(xs) > mmd_reference_size:
+            xs = xs[np.sort(rng.choice(len(xs), mmd_reference_size, replace=False))]
+        ys = cur_emb[-mmd_window_size:]
+        # A permutation p-value is at least 1 / (1 + P): make sure it can reach the
+        # corrected threshold alpha / m (with room to spare), whatever was asked for.
+        perms = max(permutations, math.ceil(2 * (len(raw) + 1) / alpha) - 1)
+        mmd2, p, median = mmd_permutation_test(xs, ys, perms, rng)
+        mmd_details = {
+            "reference_n": len(xs),
+            "current_n": len(ys),
+            "permutations": perms,
+            "median_sq_distance": median,
+        }
+        raw.append(("embedding", "mmd", mmd2, p, mmd_details, None))
+
+    if reference.model_version and window.model_versions:
+        others = [v for v in window.model_versions if v != reference.model_version]
+        if others:
+            notes.append(
+                f"the window holds predictions of model version(s) {others}; "
+                f"the reference is version {reference.model_version}"
+            )
+
+    levels = thresholds([r[3] for r in raw], alpha, correction)
+    tests = []
+    for (name, method, stat, p, details, extra), t in zip(raw, levels, strict=True):
+        drift = p <= t
+        if method == "ks":
+            verdict = _ks_verdict(name, extra[0], extra[1], stat, p, t)
+        elif method == "chi2":
+            verdict = _class_verdict(reference.classes, extra[0], extra[1], p, t)
+        elif drift:
+            verdict = (
+                f"embedding: DRIFT — the model's internal representation of the inputs moved "
+                f"away from the reference's (MMD² = {stat:.3g}, p = {_fmt_p(p)} ≤ {t:.2g}, "
+                f"{details['permutations']} permutations)"
+            )
+        else:
+            verdict = f"embedding: no drift (MMD² = {stat:.3g}, p = {_fmt_p(p)} > {t:.2g})"
+        tests.append(DriftTest(name, method, stat, p, t, drift, verdict, details))
+
+    return DriftReport(
+        drift_detected=any(t.drift for t in tests),
+        tests=tuple(tests),
+        window=window.info(),
+        reference=reference.info(),
+        alpha=alpha,
+        correction=correction,
+        notes=tuple(notes),
+    )

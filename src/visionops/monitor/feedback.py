@@ -1,0 +1,199 @@
+"""Ground truth after the fact: true labels for logged predictions, and the accuracy they give.
+
+``POST /v1/feedback`` stores a label for one logged prediction (``request_id`` and the
+input's position in that request) in the ``feedback`` table, in the same database as
+the prediction log, created on first use. The predicted label and model version are
+copied in, so the served model's accuracy on labelled traffic is one query.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from visionops.errors import DataError
+from visionops.serve.predlog import now_utc, predictions_table
+
+feedback_metadata = sa.MetaData()
+feedback_table = sa.Table(
+    "feedback",
+    feedback_metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    # predictions.id; no foreign key: the prediction log may be pruned independently.
+    sa.Column("prediction_id", sa.BigInteger, nullable=False, unique=True),
+    sa.Column("request_id", sa.String(64), nullable=False, index=True),
+    sa.Column("input_index", sa.Integer, nullable=False),
+    sa.Column("model_version", sa.String(64), nullable=True, index=True),
+    sa.Column("label", sa.String(200), nullable=False),  # the true label
+    sa.Column("predicted_label", sa.String(200), nullable=False),
+    sa.Column("correct", sa.Boolean, nullable=False),
+)
+
+
+class UnknownPredictionError(DataError):
+    """No logged prediction has this request id / input index (the API answers 404)."""
+
+
+class InvalidLabelError(DataError):
+    """The label is not one of the classes of the model that answered (the API: 422)."""
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    request_id: str
+    input_index: int
+    label: str
+    predicted_label: str
+    correct: bool
+    replaced: bool  # an earlier label for this prediction was overwritten
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "input_index": self.input_index,
+            "label": self.label,
+            "predicted_label": self.predicted_label,
+            "correct": self.correct,
+            "replaced": self.replaced,
+        }
+
+
+def ensure_feedback_table(bind: Engine | Connection) -> None:
+    """Create the ``feedback`` table if it does not exist yet."""
+    feedback_metadata.create_all(bind, checkfirst=True)
+
+
+def record_feedback(
+    engine: Engine, request_id: str, label: str, input_index: int | None = None
+) -> FeedbackResult:
+    """Store the true ``label`` of the prediction ``request_id`` / ``input_index``.
+
+    ``input_index`` may be left out when the request held a single input. Raises
+    :class:`UnknownPredictionError` for an unknown request or index and
+    :class:`InvalidLabelError` for a label outside the answering model's classes. A
+    second label for the same prediction replaces the first.
+    """
+    label = str(label)
+    t = predictions_table
+    with engine.begin() as conn:
+        if not sa.inspect(conn).has_table(t.name):
+            raise UnknownPredictionError(
+                f"no prediction with request id {request_id!r} (the log is empty)"
+            )
+        rows = conn.execute(
+            sa.select(t.c.id, t.c.input_index, t.c.label, t.c.probabilities, t.c.model_version)
+            .where(t.c.request_id == request_id)
+            .order_by(t.c.input_index)
+        ).all()
+        if not rows:
+            raise UnknownPredictionError(f"no prediction with request id {request_id!r}")
+        if input_index is None:
+            if len(rows) > 1:
+                raise InvalidLabelError(
+                    f"request {request_id!r} classified {len(rows)} inputs; "
+                    "say which with input_index"
+                )
+            row = rows[0]
+        else:
+            matches = [r for r in rows if r.input_index == input_index]
+            if not matches:
+                raise UnknownPredictionError(
+                    f"request {request_id!r} has no input_index {input_index} "
+                    f"(it has {[r.input_index for r in rows]})"
+                )
+            row = matches[0]
+        try:
+            classes = list(json.loads(row.probabilities))
+        except (TypeError, ValueError):
+            classes = []
+        if classes and label not in classes:
+            raise InvalidLabelError(
+                f"label {label!r} is not a class of the model that answered; "
+                f"choose one of {classes}"
+            )
+        ensure_feedback_table(conn)
+        values = {
+            "created_at": now_utc(),
+            "prediction_id": row.id,
+            "request_id": request_id,
+            "input_index": row.input_index,
+            "model_version": row.model_version,
+            "label": label,
+            "predicted_label": row.label,
+            "correct": label == row.label,
+        }
+        f = feedback_table
+        existing = conn.execute(sa.select(f.c.id).where(f.c.prediction_id == row.id)).first()
+        if existing is None:
+            conn.execute(f.insert().values(**values))
+        else:
+            conn.execute(f.update().where(f.c.id == existing.id).values(**values))
+    return FeedbackResult(
+        request_id=request_id,
+        input_index=int(row.input_index),
+        label=label,
+        predicted_label=str(row.label),
+        correct=label == row.label,
+        replaced=existing is not None,
+    )
+
+
+@dataclass(frozen=True)
+class FeedbackAccuracy:
+    """The served model's accuracy on predictions that received a true label."""
+
+    labelled: int
+    correct: int
+    per_class: dict[str, tuple[int, int]] = field(default_factory=dict)  # label -> (n, correct)
+    by_version: dict[str, tuple[int, int]] = field(default_factory=dict)
+    first: datetime | None = None
+    last: datetime | None = None
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "labelled": self.labelled,
+            "correct": self.correct,
+            "accuracy": self.accuracy,
+            "per_class": {k: {"n": n, "correct": c} for k, (n, c) in self.per_class.items()},
+            "by_version": {k: {"n": n, "correct": c} for k, (n, c) in self.by_version.items()},
+        }
+
+
+def feedback_accuracy(engine: Engine, model_version: str | None = None) -> FeedbackAccuracy:
+    """Accuracy over every labelled prediction (of ``model_version`` when given)."""
+    f = feedback_table
+    with engine.connect() as conn:
+        if not sa.inspect(conn).has_table(f.name):
+            return FeedbackAccuracy(0, 0)
+        query = sa.select(f.c.label, f.c.correct, f.c.model_version, f.c.created_at)
+        if model_version is not None:
+            query = query.where(f.c.model_version == model_version)
+        rows = conn.execute(query.order_by(f.c.id)).all()
+    n_by, c_by = Counter[str](), Counter[str]()
+    n_ver, c_ver = Counter[str](), Counter[str]()
+    for r in rows:
+        n_by[r.label] += 1
+        c_by[r.label] += int(bool(r.correct))
+        version = str(r.model_version) if r.model_version is not None else "unversioned"
+        n_ver[version] += 1
+        c_ver[version] += int(bool(r.correct))
+    times = [r.created_at for r in rows]
+    return FeedbackAccuracy(
+        labelled=len(rows),
+        correct=sum(c_by.values()),
+        per_class={k: (n_by[k], c_by[k]) for k in sorted(n_by)},
+        by_version={k: (n_ver[k], c_ver[k]) for k in sorted(n_ver)},
+        first=min(times) if times else None,
+        last=max(times) if times else None,
+    )

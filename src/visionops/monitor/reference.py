@@ -1,0 +1,397 @@
+"""The reference profile: what the exported model sees and says on the validation split.
+
+Written by the export stage beside ``model.onnx`` (so it travels with the registered
+model) and read by drift detection, the monitoring report and the server:
+
+- ``reference.json`` — per-image statistics (:data:`~visionops.monitor.stats.STAT_NAMES`,
+  a seeded sample of at most ``max_samples`` images, rounded), the predicted-class counts,
+  the confidence values, the validation accuracy when labels are given, and which model
+  it belongs to (``model_digest``: the sha256 prefix serving computes for ``model.onnx``;
+  ``model_version``: null at export time, filled in from the registry when served).
+- ``reference_embeddings.npy`` — a seeded sample of embeddings, float32 ``(M, D)``,
+  written with ``np.save`` and read with ``allow_pickle=False``.
+
+No torch: ONNX Runtime runs the exported graph, as the server does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visionops.data.transforms import PreprocessSpec, normalize
+from visionops.errors import DataError, ModelError
+from visionops.monitor.stats import image_statistics
+
+log = logging.getLogger(__name__)
+
+REFERENCE_FILE = "reference.json"
+EMBEDDINGS_FILE = "reference_embeddings.npy"
+FORMAT = "visionops-reference/1"
+MODEL_FILE = "model.onnx"
+METADATA_FILE = "metadata.json"
+
+
+def model_digest(onnx_path: Path) -> str:
+    """The sha256 prefix serving reports for a model file (``LoadedModel.digest``)."""
+    return hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ReferenceProfile:
+    """The validation split as the model saw it; everything drift is measured against."""
+
+    classes: tuple[str, ...]
+    n_images: int
+    stats: dict[str, np.ndarray]  # name -> per-image values (a sample of the split)
+    confidence: np.ndarray  # top-class probability per image (same sample)
+    class_counts: np.ndarray  # predicted-class counts over the whole split, (K,)
+    embeddings: np.ndarray = field(repr=False)  # (M, D) float32 sample
+    model_name: str | None = None
+    model_version: str | None = None
+    model_digest: str | None = None
+    accuracy: float | None = None  # on the split, when labels were given
+    created: str = ""
+    source: str | None = None  # where it was read from
+
+    @property
+    def class_distribution(self) -> np.ndarray:
+        """Predicted-class shares on the reference split (sums to 1)."""
+        total = float(self.class_counts.sum())
+        return self.class_counts / total if total > 0 else self.class_counts.astype(float)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.embeddings.shape[1]) if self.embeddings.ndim == 2 else 0
+
+    def info(self) -> dict[str, Any]:
+        """What the API and reports say about the reference."""
+        return {
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "model_digest": self.model_digest,
+            "n_images": self.n_images,
+            "n_samples": len(self.confidence),
+            "n_embeddings": int(self.embeddings.shape[0]),
+            "accuracy": self.accuracy,
+            "created": self.created,
+        }
+
+    def summary(self) -> dict[str, float]:
+        out = {
+            "reference_images": float(self.n_images),
+            "reference_samples": float(len(self.confidence)),
+            "reference_embeddings": float(self.embeddings.shape[0]),
+            "reference_mean_confidence": float(np.mean(self.confidence)),
+        }
+        if self.accuracy is not None:
+            out["reference_accuracy"] = self.accuracy
+        return out
+
+    def describe(self) -> str:
+        acc = f", accuracy {self.accuracy:.4f}" if self.accuracy is not None else ""
+        return (
+            f"reference of {self.n_images} images ({len(self.confidence)} sampled, "
+            f"{self.embeddings.shape[0]} embeddings of size {self.embedding_dim}){acc}"
+        )
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "created": self.created,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "model_digest": self.model_digest,
+            "classes": list(self.classes),
+            "n_images": self.n_images,
+            "accuracy": self.accuracy,
+            "class_counts": [int(c) for c in self.class_counts],
+            "confidence": [round(float(v), 6) for v in self.confidence],
+            "stats": {k: [round(float(v), 5) for v in vals] for k, vals in self.stats.items()},
+            "embeddings_file": EMBEDDINGS_FILE,
+        }
+
+    def save(self, folder: Path) -> Path:
+        """Write ``reference.json`` and ``reference_embeddings.npy`` into ``folder``."""
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / EMBEDDINGS_FILE, np.ascontiguousarray(self.embeddings, np.float32))
+        path = folder / REFERENCE_FILE
+        path.write_text(json.dumps(self.to_json_dict(), separators=(",", ":")) + "\n")
+        return path
+
+
+# --------------------------------------------------------------------------- build
+
+
+def open_onnx(path: Path, threads: int = 0) -> Any:
+    """An ONNX Runtime CPU session for ``path`` (``threads=0``: ONNX Runtime decides)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types
+        raise ModelError(f"{path}: ONNX Runtime cannot load the model ({exc})") from None
+
+
+def score_images(
+    session: Any, x_uint8_nhwc: np.ndarray, spec: PreprocessSpec, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """``probabilities`` (N, K) and ``embedding`` (N, D) of model-sized uint8 images.
+
+    Normalised with :func:`visionops.data.transforms.normalize`, exactly like serving.
+    """
+    probs, embs = [], []
+    for i in range(0, len(x_uint8_nhwc), batch_size):
+        x = normalize(x_uint8_nhwc[i : i + batch_size], spec)
+        p, e = session.run(["probabilities", "embedding"], {"input": x})
+        probs.append(np.asarray(p, np.float32))
+        embs.append(np.asarray(e, np.float32).reshape(len(x), -1))
+    if not probs:
+        raise DataError("no images to score")
+    return np.concatenate(probs), np.concatenate(embs)
+
+
+def _read_metadata(export_dir: Path) -> dict[str, Any]:
+    path = export_dir / METADATA_FILE
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: unreadable metadata ({exc})") from None
+    return meta if isinstance(meta, dict) else {}
+
+
+def build_reference_profile(
+    export_dir: Path,
+    x_val_uint8_nhwc: np.ndarray,
+    spec: PreprocessSpec,
+    y_val: np.ndarray | None = None,
+    *,
+    classes: Sequence[str] | None = None,
+    max_samples: int = 5000,
+    embedding_samples: int = 1000,
+    seed: int = 0,
+    write: bool = True,
+) -> ReferenceProfile:
+    """Run ``export_dir/model.onnx`` over the validation images and profile what it sees.
+
+    ``x_val_uint8_nhwc`` are the prepared validation images (uint8 ``(N, H, W, C)``, the
+    model-sized pixels, as the server computes its statistics from); ``y_val`` their
+    labels (optional: only for the recorded accuracy). Classes come from ``classes`` or
+    ``export_dir/metadata.json``. With ``write`` the profile is saved beside the model.
+    """
+    export_dir = Path(export_dir)
+    onnx_path = export_dir / MODEL_FILE
+    if not onnx_path.is_file():
+        raise ModelError(f"{onnx_path} not found: export the model before profiling it")
+    x = np.asarray(x_val_uint8_nhwc)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.dtype != np.uint8 or x.ndim != 4 or len(x) == 0:
+        raise DataError(
+            f"reference images must be non-empty uint8 (N, H, W, C), got {x.dtype} {x.shape}"
+        )
+    meta = _read_metadata(export_dir)
+    names = tuple(str(c) for c in (classes or meta.get("classes") or ()))
+
+    probs, emb = score_images(open_onnx(onnx_path), x, spec)
+    if not names:
+        names = tuple(str(i) for i in range(probs.shape[1]))
+    if probs.shape[1] != len(names):
+        raise ModelError(
+            f"{onnx_path}: {probs.shape[1]} probabilities per image but {len(names)} classes"
+        )
+    predicted = probs.argmax(axis=1)
+    accuracy = None
+    if y_val is not None:
+        y = np.asarray(y_val).reshape(-1)
+        if len(y) != len(x):
+            raise DataError(f"{len(y)} labels for {len(x)} reference images")
+        accuracy = float((predicted == y).mean())
+
+    rng = np.random.default_rng(seed)
+    n = len(x)
+    sample = np.sort(rng.choice(n, size=min(n, max_samples), replace=False))
+    emb_sample = np.sort(rng.choice(n, size=min(n, embedding_samples), replace=False))
+    profile = ReferenceProfile(
+        classes=names,
+        n_images=n,
+        stats=image_statistics(x[sample]),
+        confidence=probs[sample, predicted[sample]].astype(np.float64),
+        class_counts=np.bincount(predicted, minlength=len(names)).astype(np.int64),
+        embeddings=emb[emb_sample].astype(np.float32),
+        model_name=str(meta["name"]) if meta.get("name") else None,
+        model_version=None,
+        model_digest=model_digest(onnx_path),
+        accuracy=accuracy,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        source=str(export_dir / REFERENCE_FILE),
+    )
+    if write:
+        profile.save(export_dir)
+        log.info("wrote %s: %s", export_dir / REFERENCE_FILE, profile.describe())
+    return profile
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _float_array(value: Any, where: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{where} must be a list of numbers") from None
+    if arr.ndim != 1 or not np.isfinite(arr).all():
+        raise DataError(f"{where} must be a flat list of finite numbers")
+    return arr
+
+
+def load_reference(path: str | Path) -> ReferenceProfile:
+    """Read a profile from a model folder or a ``reference.json`` path.
+
+    Raises :class:`DataError` naming the file for anything missing or malformed.
+    """
+    p = Path(path)
+    json_path = p / REFERENCE_FILE if p.is_dir() else p
+    if not json_path.is_file():
+        raise DataError(
+            f"no reference profile at {json_path}: the export stage writes it "
+            "(build_reference_profile)"
+        )
+    try:
+        raw = json.loads(json_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{json_path}: unreadable reference profile ({exc})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise DataError(f"{json_path}: not a reference profile (format {got!r}, want {FORMAT!r})")
+    try:
+        classes = tuple(str(c) for c in raw["classes"])
+        stats_raw = raw["stats"]
+        confidence = _float_array(raw["confidence"], f"{json_path}: 'confidence'")
+        counts = np.asarray(raw["class_counts"], dtype=np.int64)
+    except KeyError as exc:
+        raise DataError(f"{json_path}: missing key {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{json_path}: malformed reference profile ({exc})") from None
+    if not isinstance(stats_raw, dict):
+        raise DataError(f"{json_path}: 'stats' must be an object of lists")
+    stats = {str(k): _float_array(v, f"{json_path}: stats.{k}") for k, v in stats_raw.items()}
+    bad = [k for k, v in stats.items() if len(v) != len(confidence)]
+    if bad:
+        raise DataError(f"{json_path}: stats {bad} do not have one value per sampled image")
+    if counts.shape != (len(classes),):
+        raise DataError(
+            f"{json_path}: 'class_counts' has {counts.size} entries for {len(classes)} classes"
+        )
+    emb_path = json_path.parent / str(raw.get("embeddings_file") or EMBEDDINGS_FILE)
+    try:
+        embeddings = np.load(emb_path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{emb_path} not found (written with {json_path.name})") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{emb_path}: unreadable embeddings ({exc})") from None
+    if embeddings.ndim != 2 or not np.issubdtype(embeddings.dtype, np.floating):
+        raise DataError(f"{emb_path}: expected a float (M, D) array, got {embeddings.shape}")
+    accuracy = raw.get("accuracy")
+    return ReferenceProfile(
+        classes=classes,
+        n_images=int(raw.get("n_images") or len(confidence)),
+        stats=stats,
+        confidence=confidence,
+        class_counts=counts,
+        embeddings=embeddings.astype(np.float32, copy=False),
+        model_name=raw.get("model_name"),
+        model_version=None if raw.get("model_version") is None else str(raw["model_version"]),
+        model_digest=raw.get("model_digest"),
+        accuracy=float(accuracy) if isinstance(accuracy, int | float) else None,
+        created=str(raw.get("created") or ""),
+        source=str(json_path),
+    )
+
+
+def resolve_reference(source: str | Path) -> ReferenceProfile:
+    """The profile of a model folder, a ``reference.json`` path, or a registry URI.
+
+    ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` go through
+    :func:`visionops.registry.resolve_served_model` (imported only then: MLflow), and the
+    registry version is filled in.
+    """
+    text = str(source)
+    if not text.startswith("models:/"):
+        return load_reference(Path(text))
+    from visionops import registry
+
+    ref = registry.resolve_served_model(text)
+    profile = load_reference(Path(ref.path))
+    if profile.model_version is None and ref.version is not None:
+        return replace(profile, model_version=str(ref.version))
+    return profile
+
+
+class ReferenceStore:
+    """The reference of the served model, read once per model folder and file version.
+
+    ``for_model(model)`` takes anything with ``path`` (the model folder), ``version``
+    and ``digest`` attributes (serving's ``LoadedModel``) and returns its profile with the
+    registry version filled in, or ``None`` (with :attr:`last_error` saying why) when the
+    folder has no readable profile or the profile belongs to another model file.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, int], ReferenceProfile] = {}
+        self.last_error: str | None = None
+
+    def require(self, model: Any) -> ReferenceProfile:
+        """:meth:`for_model`, raising :class:`DataError` with the reason instead of None."""
+        profile = self.for_model(model)
+        if profile is None:
+            raise DataError(self.last_error or "no reference profile")
+        return profile
+
+    def for_model(self, model: Any) -> ReferenceProfile | None:
+        if model is None:
+            self.last_error = "no model is being served"
+            return None
+        folder = Path(model.path)
+        json_path = folder / REFERENCE_FILE
+        try:
+            key = (str(json_path), json_path.stat().st_mtime_ns)
+        except OSError:
+            self.last_error = f"the served model folder {folder} has no {REFERENCE_FILE}"
+            return None
+        with self._lock:
+            profile = self._cache.get(key)
+        if profile is None:
+            try:
+                profile = load_reference(json_path)
+            except DataError as exc:
+                self.last_error = str(exc)
+                return None
+            with self._lock:
+                self._cache = {key: profile}  # only the served model's profile is kept
+        digest = getattr(model, "digest", None)
+        if profile.model_digest and digest and profile.model_digest != digest:
+            self.last_error = (
+                f"{json_path} was built for model {profile.model_digest}, but {digest} is served"
+            )
+            return None
+        version = getattr(model, "version", None)
+        self.last_error = None
+        if profile.model_version is None and version is not None:
+            return replace(profile, model_version=str(version))
+        return profile

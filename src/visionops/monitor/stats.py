@@ -1,0 +1,142 @@
+"""Per-image statistics the monitor compares between the reference and served traffic.
+
+The six statistics the prediction log already stores are those of
+:func:`visionops.serve.predlog.input_statistics` (the server's definition;
+:func:`logged_statistics` computes them for a whole batch and is tested equal to it).
+:func:`stroke_thickness` adds a seventh, compared only when the prediction log has a
+``stroke_thickness`` column.
+
+NumPy, SciPy and Pillow only: the server imports this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+
+from visionops.serve.predlog import INK_THRESHOLD
+
+#: The statistics of :func:`input_statistics`, in the prediction log's column order.
+LOGGED_STATS: tuple[str, ...] = (
+    "mean_intensity",
+    "ink_fraction",
+    "bbox_width",
+    "bbox_height",
+    "center_x",
+    "center_y",
+)
+#: Everything the reference profile records per image.
+STAT_NAMES: tuple[str, ...] = (*LOGGED_STATS, "stroke_thickness")
+
+STAT_DESCRIPTIONS: dict[str, str] = {
+    "mean_intensity": "mean pixel intensity (0 = black, 1 = full ink)",
+    "ink_fraction": "share of pixels that are ink",
+    "bbox_width": "width of the ink's bounding box (pixels)",
+    "bbox_height": "height of the ink's bounding box (pixels)",
+    "center_x": "horizontal centre of mass (0 = left, 1 = right)",
+    "center_y": "vertical centre of mass (0 = top, 1 = bottom)",
+    "stroke_thickness": "estimated stroke thickness (pixels)",
+    "confidence": "top-class probability",
+}
+
+
+def _gray_batch(x: np.ndarray) -> np.ndarray:
+    """``(N, H, W)`` float32 from uint8 ``(H, W)``, ``(N, H, W)`` or ``(N, H, W, C)``."""
+    a = np.asarray(x)
+    if a.ndim == 2:
+        a = a[None]
+    elif a.ndim == 4:
+        a = a.mean(axis=3) if a.shape[3] > 1 else a[..., 0]
+    if a.ndim != 3:
+        raise ValueError(f"expected images (N, H, W[, C]), got shape {np.shape(x)}")
+    return a.astype(np.float32, copy=False)
+
+
+def stroke_thickness(x: np.ndarray) -> np.ndarray:
+    """Estimated stroke thickness in pixels of each image of a batch (0 for a blank image).
+
+    The ink mask (pixels >= ``INK_THRESHOLD``, as in :func:`input_statistics`) goes
+    through a Euclidean distance transform; on the stroke's medial ridge (the pixels that
+    are a local maximum of the distance) the distance is about half the stroke width, so
+    the thickness is ``2 * mean(ridge distance) - 0.5``: within half a pixel of the width
+    of a straight bar (1.5 for bars 1 or 2 pixels wide, 3.5 for 3 or 4). Accepts
+    ``(H, W)``, ``(N, H, W)`` or ``(N, H, W, C)`` uint8 arrays.
+    """
+    from scipy import ndimage
+
+    gray = _gray_batch(x)
+    ink = gray >= INK_THRESHOLD
+    n, h, w = ink.shape
+    if n == 0:
+        return np.zeros(0)
+    dist = np.zeros(ink.shape)
+    for i in range(n):  # per image: faster than one 3-D transform, and images stay apart
+        if ink[i].any():
+            dist[i] = ndimage.distance_transform_edt(ink[i])
+    ridge = ink & (dist >= ndimage.maximum_filter(dist, size=(1, 3, 3)))
+    counts = ridge.sum(axis=(1, 2))
+    sums = (dist * ridge).sum(axis=(1, 2))
+    out = np.zeros(n)
+    has = counts > 0
+    out[has] = np.clip(2.0 * sums[has] / counts[has] - 0.5, 1.0, float(max(h, w)))
+    return out
+
+
+def logged_statistics(x: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`input_statistics` of every image of a batch at once, as float64 arrays.
+
+    The same definitions, vectorised (a unit test holds the two equal): 6000 validation
+    images take milliseconds instead of seconds.
+    """
+    a = _gray_batch(x)
+    _, h, w = a.shape
+    ink = a >= INK_THRESHOLD
+    rows = np.asarray(ink.any(axis=2))
+    cols = np.asarray(ink.any(axis=1))
+
+    def extent(any_: np.ndarray, size: int) -> np.ndarray:
+        first = np.argmax(any_, axis=1)
+        last = size - 1 - np.argmax(any_[:, ::-1], axis=1)
+        return np.where(any_.any(axis=1), last - first + 1, 0).astype(np.float64)
+
+    total = a.sum(axis=(1, 2), dtype=np.float64)
+    safe = np.where(total > 0, total, 1.0)
+    cy = (a.sum(axis=2, dtype=np.float64) * np.arange(h)).sum(axis=1) / safe / max(h - 1, 1)
+    cx = (a.sum(axis=1, dtype=np.float64) * np.arange(w)).sum(axis=1) / safe / max(w - 1, 1)
+    return {
+        "mean_intensity": a.mean(axis=(1, 2), dtype=np.float64) / 255.0,
+        "ink_fraction": ink.mean(axis=(1, 2), dtype=np.float64),
+        "bbox_width": extent(cols, w),
+        "bbox_height": extent(rows, h),
+        "center_x": np.where(total > 0, cx, 0.5),
+        "center_y": np.where(total > 0, cy, 0.5),
+    }
+
+
+def image_statistics(x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every statistic of :data:`STAT_NAMES` for a batch of uint8 images, as float64 arrays.
+
+    ``x`` is ``(N, H, W)`` or ``(N, H, W, C)`` uint8 with ink high: the model-sized image
+    the server computes its logged statistics from.
+    """
+    out = logged_statistics(x)
+    out["stroke_thickness"] = stroke_thickness(x)
+    return out
+
+
+def thumbnail_base64(x: np.ndarray) -> str:
+    """A model-sized uint8 image (``(H, W)`` or ``(H, W, C)``) as base64 PNG text.
+
+    What the prediction log would store in a ``thumbnail`` column so the monitoring
+    report can show atypical inputs (a 28×28 digit is about 200–400 bytes).
+    """
+    from PIL import Image
+
+    a = np.asarray(x, dtype=np.uint8)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode("ascii")

@@ -1,0 +1,292 @@
+"""A window of the prediction log: the served traffic that drift is measured on.
+
+:func:`load_window` reads the last ``N`` predictions, or those of a time range, from the
+``predictions`` table (:mod:`visionops.serve.predlog`) with SQLAlchemy Core, so SQLite
+and PostgreSQL work alike. Optional columns (``stroke_thickness``, ``thumbnail``) are
+used when the table has them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine, make_url
+
+from visionops.errors import ConfigError, DataError
+from visionops.monitor.stats import STAT_NAMES
+from visionops.serve.predlog import create_predlog_engine, predictions_table, safe_url
+
+log = logging.getLogger(__name__)
+
+#: Fewer rows than this and no test has the power to say anything.
+MIN_WINDOW_ROWS = 30
+#: Upper bound on the rows one window may hold (memory and time stay bounded).
+MAX_WINDOW_ROWS = 200_000
+OPTIONAL_COLUMNS = ("stroke_thickness", "thumbnail")
+
+
+class InsufficientDataError(DataError):
+    """The window holds too few predictions to test for drift (the API answers 422)."""
+
+    def __init__(self, rows: int, minimum: int, where: str) -> None:
+        super().__init__(
+            f"only {rows} prediction(s) in {where}; drift needs at least {minimum}: "
+            "serve more predictions (e.g. `visionops simulate`) or widen the window"
+        )
+        self.rows = rows
+        self.minimum = minimum
+
+
+@dataclass(frozen=True)
+class Window:
+    """Served predictions, oldest first, as arrays."""
+
+    ids: np.ndarray  # int64 row ids of the predictions table
+    created_at: list[datetime]  # timezone-aware UTC
+    request_ids: list[str]
+    input_index: np.ndarray  # int64
+    labels: list[str]  # predicted class names
+    confidence: np.ndarray  # float64
+    stats: dict[str, np.ndarray]  # statistic -> float64 values (NaN: not logged for a row)
+    embeddings: np.ndarray = field(repr=False)  # (n_emb, D) float32
+    embedding_rows: np.ndarray = field(repr=False)  # row positions the embeddings belong to
+    model_versions: tuple[str, ...] = ()
+    thumbnails: list[str | None] | None = field(default=None, repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.ids)
+
+    @property
+    def start(self) -> datetime | None:
+        return self.created_at[0] if self.created_at else None
+
+    @property
+    def end(self) -> datetime | None:
+        return self.created_at[-1] if self.created_at else None
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "start": self.start.isoformat() if self.start else None,
+            "end": self.end.isoformat() if self.end else None,
+            "first_id": int(self.ids[0]) if self.size else None,
+            "last_id": int(self.ids[-1]) if self.size else None,
+            "model_versions": list(self.model_versions),
+        }
+
+    def slice(self, start: int, stop: int) -> Window:
+        """Rows ``start:stop`` (positions, oldest first) as a window of their own."""
+        keep = (self.embedding_rows >= start) & (self.embedding_rows < stop)
+        return Window(
+            ids=self.ids[start:stop],
+            created_at=self.created_at[start:stop],
+            request_ids=self.request_ids[start:stop],
+            input_index=self.input_index[start:stop],
+            labels=self.labels[start:stop],
+            confidence=self.confidence[start:stop],
+            stats={k: v[start:stop] for k, v in self.stats.items()},
+            embeddings=self.embeddings[keep],
+            embedding_rows=self.embedding_rows[keep] - start,
+            model_versions=self.model_versions,
+            thumbnails=None if self.thumbnails is None else self.thumbnails[start:stop],
+        )
+
+
+def _utc(dt: datetime) -> datetime:
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def parse_time(value: str | datetime | None, name: str = "time") -> datetime | None:
+    """An ISO 8601 time (naive means UTC) as an aware UTC datetime; None stays None."""
+    if value is None or isinstance(value, datetime):
+        return None if value is None else _utc(value)
+    try:
+        return _utc(datetime.fromisoformat(value.strip().replace("Z", "+00:00")))
+    except ValueError:
+        raise ConfigError(
+            f"{name} {value!r} is not an ISO 8601 time (e.g. 2025-01-31T12:00:00Z)"
+        ) from None
+
+
+def _decode_embeddings(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The JSON embedding lists as one float32 array; rows whose size differs from the
+    newest row's (another model answered them) are left out."""
+    if not texts:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    try:
+        # One json.loads for all rows is several times faster than one per row.
+        rows = json.loads("[" + ",".join(texts) + "]")
+    except json.JSONDecodeError:
+        rows = []
+        for t in texts:
+            try:
+                rows.append(json.loads(t))
+            except json.JSONDecodeError:
+                rows.append(None)
+    sizes = [len(r) if isinstance(r, list) else -1 for r in rows]
+    dim = sizes[-1]
+    keep = np.asarray([s == dim and s > 0 for s in sizes])
+    if not keep.any():
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    kept = [r for r, k in zip(rows, keep, strict=True) if k]
+    if not keep.all():
+        log.warning("%d logged embedding(s) of another size left out", int((~keep).sum()))
+    return np.asarray(kept, dtype=np.float32), np.flatnonzero(keep).astype(np.int64)
+
+
+def _engine_for(url: str) -> Engine:
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise ConfigError(f"invalid prediction-log URL {url!r}") from None
+    database = parsed.database
+    if (
+        parsed.get_backend_name() == "sqlite"
+        and database not in (None, "", ":memory:")
+        and not Path(str(database)).is_file()
+    ):
+        raise DataError(f"no prediction log at {parsed.database}")
+    return create_predlog_engine(url)
+
+
+def load_window(
+    predlog_url: str,
+    window: int | None = None,
+    since: str | datetime | None = None,
+    until: str | datetime | None = None,
+    *,
+    model_version: str | None = None,
+    min_rows: int = MIN_WINDOW_ROWS,
+    max_embeddings: int | None = None,
+    thumbnails: bool = False,
+    engine: Engine | None = None,
+) -> Window:
+    """The last ``window`` predictions, or those logged in ``[since, until)``, oldest first.
+
+    With both, the last ``window`` rows of the time range. ``model_version`` keeps only
+    one model version's rows. Only the newest ``max_embeddings`` embeddings are decoded
+    (None: all; decoding is most of the cost of a large window); ``thumbnails`` also
+    reads the thumbnail column. Raises :class:`InsufficientDataError` below ``min_rows``
+    rows, :class:`DataError` when the log cannot be read. ``engine`` reuses an open
+    engine (the server's) instead of creating one for ``predlog_url``.
+    """
+    if window is not None and not 1 <= window <= MAX_WINDOW_ROWS:
+        raise ConfigError(f"window must be between 1 and {MAX_WINDOW_ROWS} rows (got {window})")
+    if window is None and since is None and until is None:
+        raise ConfigError("give a window size (last N predictions) or a time range")
+    t0, t1 = parse_time(since, "since"), parse_time(until, "until")
+    if t0 is not None and t1 is not None and t0 >= t1:
+        raise ConfigError(f"since ({t0.isoformat()}) must be before until ({t1.isoformat()})")
+
+    own_engine = engine is None
+    eng = engine if engine is not None else _engine_for(predlog_url)
+    try:
+        with eng.connect() as conn:
+            if not sa.inspect(conn).has_table(predictions_table.name):
+                raise InsufficientDataError(0, min_rows, f"{safe_url(predlog_url)} (no table)")
+            # Reflected, not the server's Table object: a newer server may log extra
+            # columns (stroke_thickness, thumbnail) that are used when present.
+            t = sa.Table(predictions_table.name, sa.MetaData(), autoload_with=conn)
+            optional = [
+                c for c in OPTIONAL_COLUMNS if c in t.c and (thumbnails or c != "thumbnail")
+            ]
+            columns = [
+                t.c[name]
+                for name in (
+                    "id",
+                    "created_at",
+                    "request_id",
+                    "input_index",
+                    "model_version",
+                    "label",
+                    "confidence",
+                    "embedding",
+                    *(c for c in STAT_NAMES if c in t.c),
+                    *optional,
+                )
+            ]
+            query = sa.select(*columns)
+            sqlite = eng.dialect.name == "sqlite"
+
+            def bind(dt: datetime) -> datetime:
+                # SQLite stores naive UTC text; PostgreSQL compares aware times.
+                return dt.replace(tzinfo=None) if sqlite else dt
+
+            if t0 is not None:
+                query = query.where(t.c.created_at >= bind(t0))
+            if t1 is not None:
+                query = query.where(t.c.created_at < bind(t1))
+            if model_version is not None:
+                query = query.where(t.c.model_version == model_version)
+            query = query.order_by(t.c.id.desc()).limit(window or MAX_WINDOW_ROWS)
+            rows = conn.execute(query).mappings().all()
+    except sa.exc.SQLAlchemyError as exc:
+        raise DataError(f"cannot read the prediction log {safe_url(predlog_url)}: {exc}") from None
+    finally:
+        if own_engine:
+            eng.dispose()
+
+    rows = list(reversed(rows))
+    if len(rows) < min_rows:
+        where = f"the last {window} predictions" if window else "the predictions"
+        if t0 is not None or t1 is not None:
+            start = t0.isoformat() if t0 else "the start"
+            where += f" logged between {start} and {t1.isoformat() if t1 else 'now'}"
+        if model_version is not None:
+            where += f" of model version {model_version}"
+        raise InsufficientDataError(len(rows), min_rows, f"{where} ({safe_url(predlog_url)})")
+
+    # NaN where a row has no value (stroke_thickness of rows logged by an older server).
+    stats = {
+        name: np.asarray([np.nan if r[name] is None else r[name] for r in rows], np.float64)
+        for name in STAT_NAMES
+        if name in rows[0] and any(r[name] is not None for r in rows)
+    }
+    first = 0 if max_embeddings is None else max(0, len(rows) - max_embeddings)
+    embeddings, emb_rows = _decode_embeddings([r["embedding"] for r in rows[first:]])
+    emb_rows += first
+    versions = sorted({str(r["model_version"]) for r in rows if r["model_version"] is not None})
+    return Window(
+        ids=np.asarray([r["id"] for r in rows], dtype=np.int64),
+        created_at=[_utc(r["created_at"]) for r in rows],
+        request_ids=[str(r["request_id"]) for r in rows],
+        input_index=np.asarray([r["input_index"] for r in rows], dtype=np.int64),
+        labels=[str(r["label"]) for r in rows],
+        confidence=np.asarray([r["confidence"] for r in rows], dtype=np.float64),
+        stats=stats,
+        embeddings=embeddings,
+        embedding_rows=emb_rows,
+        model_versions=tuple(versions),
+        thumbnails=[r["thumbnail"] for r in rows] if "thumbnail" in optional else None,
+    )
+
+
+def window_from_arrays(
+    labels: list[str],
+    confidence: np.ndarray,
+    stats: dict[str, np.ndarray],
+    embeddings: np.ndarray,
+    created_at: list[datetime] | None = None,
+) -> Window:
+    """A window built in memory (benchmarks, tests): rows as the server would log them."""
+    n = len(labels)
+    now = datetime.now(UTC)
+    return Window(
+        ids=np.arange(1, n + 1, dtype=np.int64),
+        created_at=created_at or [now] * n,
+        request_ids=[f"mem-{i}" for i in range(n)],
+        input_index=np.zeros(n, np.int64),
+        labels=list(labels),
+        confidence=np.asarray(confidence, dtype=np.float64),
+        stats={k: np.asarray(v, dtype=np.float64) for k, v in stats.items()},
+        embeddings=np.asarray(embeddings, dtype=np.float32),
+        embedding_rows=np.arange(len(embeddings), dtype=np.int64),
+    )
