@@ -228,6 +228,7 @@ def load_settings(root: Path | None = None) -> Settings:
         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{base / 'mlflow.db'}",
         artifact_root=os.environ.get("VISIONOPS_ARTIFACT_ROOT") or (base / "mlartifacts").as_uri(),
         admin_token=os.environ.get("VISIONOPS_ADMIN_TOKEN") or None,
-        predlog_url=os.environ.get("VISIONOPS_PREDLOG_URL") or f"sqlite:///{base / 'predictions.db'}",
+        predlog_url=os.environ.get("VISIONOPS_PREDLOG_URL")
+        or f"sqlite:///{base / 'predictions.db'}",
         webhook_url=os.environ.get("VISIONOPS_ALERT_WEBHOOK") or None,
     )

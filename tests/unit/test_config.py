@@ -63,9 +63,7 @@ def test_malformed_override_and_missing_file(tmp_path: Path) -> None:
 
 def test_imagefolder_gets_its_own_model_name(tmp_path: Path) -> None:
     folder = tmp_path / "My Flowers"
-    params = load_params(
-        REPO / "params.yaml", ["data.source=imagefolder", f"data.path={folder}"]
-    )
+    params = load_params(REPO / "params.yaml", ["data.source=imagefolder", f"data.path={folder}"])
     assert params.model_name() == "visionops-my-flowers"
     assert params.data.shape() == (28, 1)
     cifar = load_params(REPO / "params.yaml", ["data.source=cifar10"])
