@@ -8,7 +8,7 @@ export DO_NOT_TRACK := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint clean setup setup-dev
+.PHONY: help run test lint clean setup setup-dev serve bench
 
 help: ## List every target
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -33,6 +33,15 @@ run: setup ## Run the whole pipeline (dvc repro) on bundled MNIST and print a su
 
 test: setup-dev ## Run every test
 	$(BIN)/python -m pytest -q
+
+serve: setup ## Serve the champion on http://127.0.0.1:8000 (web page at /, API docs at /docs)
+	$(BIN)/visionops serve
+
+bench: run ## Benchmarks beside reference systems; writes benchmarks/results/
+	@command -v hey >/dev/null || { apt-get install -y -qq hey || sudo apt-get install -y -qq hey; }
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_serve.py
+	$(BIN)/python benchmarks/bench_drift.py
 
 lint: setup-dev ## ruff + mypy
 	$(BIN)/ruff check src tests benchmarks
