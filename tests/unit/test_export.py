@@ -29,6 +29,7 @@ def _workspace(root: Path, best: str = "mlp") -> Layout:
     x = rng.integers(0, 256, size=(70, 8, 8, 1), dtype=np.uint8)
     y = rng.integers(0, 3, size=70).astype(np.int64)
     np.savez(layout.split_npz("test"), x=x, y=y)
+    np.savez(layout.split_npz("val"), x=x[:40], y=y[:40])  # the monitoring reference
     meta = {"classes": CLASSES, "image_size": 8, "channels": 1, "mean": [0.2], "std": [0.3]}
     meta["preprocess"] = {"invert": "auto", "center": False, "digit_box": 20}
     layout.prepared_meta.write_text(json.dumps(meta))
@@ -72,7 +73,12 @@ def test_export_writes_the_contract(layout: Layout) -> None:
 
     onnx_path = layout.export_dir / "model.onnx"
     assert result.onnx_path == onnx_path and onnx_path.is_file()
-    assert sorted(p.name for p in layout.export_dir.iterdir()) == ["metadata.json", "model.onnx"]
+    assert sorted(p.name for p in layout.export_dir.iterdir()) == [
+        "metadata.json",
+        "model.onnx",
+        "reference.json",
+        "reference_embeddings.npy",
+    ]
     meta = json.loads((layout.export_dir / "metadata.json").read_text())
     assert meta["name"] == "tiny-model"
     assert meta["architecture"] == "mlp"

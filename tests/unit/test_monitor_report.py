@@ -353,7 +353,6 @@ def test_install_monitoring_on_the_real_prediction_service(tmp_path: Path) -> No
     """The exact mounting the app factory uses: real app, real model, real log."""
     from test_reference import SPEC, digits, tiny_onnx
 
-    from visionops.monitor.api import install_monitoring
     from visionops.monitor.reference import build_reference_profile
     from visionops.serve.app import create_app
     from visionops.serve.service import ServeSettings
@@ -361,8 +360,8 @@ def test_install_monitoring_on_the_real_prediction_service(tmp_path: Path) -> No
     model_dir = tiny_onnx(tmp_path / "exported")
     build_reference_profile(model_dir, digits(300, seed=4), SPEC)
     url = f"sqlite:///{tmp_path / 'predictions.db'}"
+    # create_app mounts the monitoring routes itself (install_monitoring).
     app = create_app(ServeSettings(model_uri=str(model_dir), predlog_url=url, threads=1))
-    install_monitoring(app, app.state.service)
     with TestClient(app) as client:
         for _ in range(200):
             if client.get("/readyz").status_code == 200:
