@@ -5,23 +5,17 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import shutil
-import socket
 import sqlite3
-import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
-from conftest import MakeClient
 from PIL import Image
 from serve_fixtures import digit_png
 
+from conftest import MakeClient
 from visionops.errors import ConfigError, DataError
 from visionops.serve.predlog import (
     InputStats,
@@ -246,77 +240,6 @@ def test_export_errors(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- postgres
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _pg_bin() -> Path | None:
-    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
-    found = shutil.which("initdb")
-    return candidates[0].parent if candidates else (Path(found).parent if found else None)
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"PostgreSQL is required in CI: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL server (VISIONOPS_TEST_POSTGRES_URL to use an existing one)."""
-    if url := os.environ.get("VISIONOPS_TEST_POSTGRES_URL"):
-        yield url
-        return
-    bindir = _pg_bin()
-    if bindir is None or not (bindir / "pg_ctl").exists():
-        _unavailable("PostgreSQL server binaries not installed")
-    assert bindir is not None
-    base = Path(tempfile.mkdtemp(prefix="visionops-pg-"))
-    prefix: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres user
-        prefix = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(base, user="postgres")
-    data, port = base / "data", _free_port()
-    try:
-        subprocess.run(
-            [*prefix, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
-            check=True,
-            capture_output=True,
-        )
-        subprocess.run(
-            [
-                *prefix,
-                str(bindir / "pg_ctl"),
-                "-D",
-                str(data),
-                "-l",
-                str(base / "log"),
-                "-w",
-                "-o",
-                f"-k {base} -p {port} -c listen_addresses=''",
-                "start",
-            ],
-            check=True,
-            capture_output=True,
-        )
-    except (subprocess.CalledProcessError, OSError) as exc:
-        shutil.rmtree(base, ignore_errors=True)
-        detail = getattr(exc, "stderr", b"") or b""
-        _unavailable(f"cannot start PostgreSQL: {exc} {detail.decode(errors='replace')[-500:]}")
-    try:
-        yield f"postgresql+psycopg2://postgres@/postgres?host={base}&port={port}"
-    finally:
-        subprocess.run(
-            [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-            check=False,
-            capture_output=True,
-        )
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.postgres

@@ -424,3 +424,40 @@ def test_report_writes_the_summary_and_ends_the_parent_run(layout: Layout, store
     assert parent.info.status == "FINISHED"
     assert [a.path for a in client.list_artifacts(reg_parent)] == ["summary.md"]
     assert client.get_run(reg.run_id).data.tags["mlflow.parentRunId"] == reg_parent
+
+
+@pytest.mark.postgres
+def test_tracking_and_registry_on_postgres(
+    postgres_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLFLOW_TRACKING_URI pointing at PostgreSQL: same code, same behaviour."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", postgres_database)
+    monkeypatch.setenv("VISIONOPS_ARTIFACT_ROOT", (tmp_path / "artifacts").as_uri())
+    monkeypatch.delenv("VISIONOPS_PARENT_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    layout = Layout(tmp_path)
+    params = _params()
+
+    with registry.stage_run("ingest", params, layout) as tracker:
+        tracker.log_metrics({"images": 42.0})
+    result = _register(layout)
+    assert str(result.version) == "1"
+    registry.promote(params, layout, version="1", force=True)
+    _register(layout, scale=2.0)
+    registry.promote(params, layout, force=True)
+
+    client = MlflowClient(postgres_database)
+    assert client.get_registered_model(NAME).name == NAME
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
+    back = registry.rollback(params, layout)
+    assert (back.from_version, back.to_version) == ("2", "1")
+    ref = registry.resolve_served_model(f"models:/{NAME}@champion")
+    assert str(ref.version) == "1"
+    assert (ref.path / "model.onnx").is_file()
+
+    runs = client.search_runs(
+        [client.get_experiment_by_name("visionops").experiment_id], max_results=100
+    )
+    ingest = [r for r in runs if r.info.run_name == "ingest"]
+    assert len(ingest) == 1 and ingest[0].data.metrics["images"] == 42.0
+    assert "mlflow.parentRunId" in ingest[0].data.tags
