@@ -49,7 +49,7 @@ from visionops.data.transforms import (
     decode_image,
     image_to_array,
 )
-from visionops.monitor.drift import MMD_WINDOW_SIZE, detect_drift
+from visionops.monitor.drift import DEFAULT_ALPHA, MMD_WINDOW_SIZE, detect_drift
 from visionops.monitor.reference import (
     ReferenceProfile,
     build_reference_profile,
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference": reference.info(),
         "window_size": size,
         "windows": n_windows,
-        "alpha": 0.05,
+        "alpha": DEFAULT_ALPHA,
         "correction": "bonferroni",
         "tests": false_alarm["mnist (json)"]["tests"],
         "false_alarm": false_alarm,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from visionops.errors import ConfigError, DataError, VisionOpsError
 from visionops.monitor.drift import (
+    DEFAULT_ALPHA,
     class_shift_test,
     detect_drift,
     ks_test,
@@ -163,7 +165,9 @@ def test_detect_drift_flags_the_shifted_statistic_only() -> None:
     assert "DRIFT" in by_name["mean_intensity"].verdict
     assert not by_name["ink_fraction"].drift and not by_name["embedding"].drift
     assert report.drift_score > 1.0
-    assert all(t.threshold == pytest.approx(0.05 / len(report.tests)) for t in report.tests)
+    assert all(
+        t.threshold == pytest.approx(DEFAULT_ALPHA / len(report.tests)) for t in report.tests
+    )
 
 
 def test_detect_drift_label_shift_and_embedding_shift() -> None:
@@ -173,7 +177,11 @@ def test_detect_drift_label_shift_and_embedding_shift() -> None:
     assert [t.name for t in label.drifted] == ["predicted_class"]
     emb = detect_drift(reference, make_window(rng, 200, emb_shift=0.5))
     assert [t.name for t in emb.drifted] == ["embedding"]
-    assert emb.tests[-1].method == "mmd" and emb.tests[-1].p_value == pytest.approx(1 / 501)
+    # The smallest p-value a permutation test can give: enough permutations for it to sit
+    # well below the corrected threshold.
+    permutations = max(500, math.ceil(2 * len(emb.tests) / DEFAULT_ALPHA) - 1)
+    assert emb.tests[-1].method == "mmd"
+    assert emb.tests[-1].p_value == pytest.approx(1 / (permutations + 1))
 
 
 def test_detect_drift_report_shape_and_notes() -> None:

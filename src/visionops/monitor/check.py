@@ -16,7 +16,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from visionops.errors import ConfigError
-from visionops.monitor.drift import MMD_WINDOW_SIZE, Correction, DriftReport, detect_drift
+from visionops.monitor.drift import (
+    DEFAULT_ALPHA,
+    MMD_WINDOW_SIZE,
+    Correction,
+    DriftReport,
+    detect_drift,
+)
 from visionops.monitor.reference import ReferenceProfile, resolve_reference
 from visionops.monitor.window import load_window
 from visionops.serve.predlog import safe_url
@@ -90,7 +96,7 @@ def run_check(
     since: str | datetime | None = None,
     until: str | datetime | None = None,
     model_version: str | None = None,
-    alpha: float = 0.05,
+    alpha: float = DEFAULT_ALPHA,
     correction: Correction = "bonferroni",
     timeout: float = 10.0,
 ) -> CheckResult:
