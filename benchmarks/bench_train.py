@@ -3,7 +3,8 @@
 Both train on the same prepared MNIST tensors on this machine, one after the other. After
 every epoch the test accuracy is measured (evaluation time is not counted as training
 time). Reported: images/s, training seconds until the test accuracy first reaches 99 %,
-and the final test accuracy.
+and the final test accuracy (for the reference: at the epoch it reached 99 %, where it
+stops instead of running its 14 epochs).
 
     python benchmarks/bench_train.py [--reference-epochs 4]
 
@@ -46,7 +47,7 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reference-epochs", type=int, default=4)
+    ap.add_argument("--reference-epochs", type=int, default=14)  # the recipe's default
     ap.add_argument("--model", default="cnn")
     args = ap.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -128,7 +129,7 @@ def main() -> None:
     def on_ref_epoch(epoch: int, model: torch.nn.Module, train_seconds: float) -> bool:
         acc = accuracy(model, x_test, y_test)
         ref_curve.append({"epoch": epoch, "train_seconds": train_seconds, "test_accuracy": acc})
-        return False
+        return acc >= TARGET  # stop once the target is reached: the remaining epochs cost time
 
     train_reference(x_train, y_train, args.reference_epochs, on_ref_epoch)
     ref_seconds = ref_curve[-1]["train_seconds"]
@@ -140,6 +141,7 @@ def main() -> None:
             (c["train_seconds"] for c in ref_curve if c["test_accuracy"] >= TARGET), None
         ),
         "final_test_accuracy": ref_curve[-1]["test_accuracy"],
+        "note": "stopped at the first epoch reaching the target (the recipe runs 14 epochs)",
     }
 
     speedup = None
