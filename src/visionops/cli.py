@@ -169,17 +169,71 @@ def train(
     params_file: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="processes on this machine; >1 trains with DistributedDataParallel "
+            "through torchrun (default: train.nproc)",
+        ),
+    ] = None,
 ) -> None:
     """Train one architecture with checkpoints, early stopping and tracked metrics."""
     from visionops import registry
-    from visionops.train import run_train
+    from visionops.train import launch_distributed, run_train
 
     params, layout = _params(params_file, set_), _layout()
+    nproc = nproc or params.train.nproc
+    if nproc > 1:  # rank 0 tracks, prints and writes, as below
+        launch_distributed(params_file, set_ or [], model, nproc, resume)
+        return
     with registry.stage_run(f"train-{model}", params, layout) as tracker:
         result = run_train(params, layout, model, resume=resume, on_epoch=tracker.log_metrics)
         tracker.log_metrics(result.summary())
         tracker.log_artifacts(layout.model_dir(model), "model")
     out.print(f"trained {result.describe()}")
+
+
+@app.command()
+@handle_errors
+def tune(
+    trials: Annotated[int, typer.Option(min=1, help="trials this process runs")] = 20,
+    timeout: Annotated[
+        float | None, typer.Option(help="start no new trial after this many seconds")
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Optuna storage shared by every worker, e.g. postgresql://user@host/db "
+            "(default: VISIONOPS_TUNE_STORAGE, else sqlite:///tuning/optuna.db)"
+        ),
+    ] = None,
+    study: Annotated[
+        str | None,
+        typer.Option(help="study name (default: derived from the params, so equal params join)"),
+    ] = None,
+    n_jobs: Annotated[
+        int, typer.Option("--n-jobs", min=1, help="trials run at once in this process")
+    ] = 1,
+    params_file: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Search tune.space with Optuna; write the best params and the report to tuning/."""
+    from visionops.tune import run_tune
+
+    params, layout = _params(params_file, set_), _layout()
+    result = run_tune(
+        params,
+        layout,
+        trials=trials,
+        timeout=timeout,
+        storage=storage,
+        study_name=study,
+        n_jobs=n_jobs,
+        params_file=params_file,
+    )
+    # No markup (a value may look like [cnn]), no wrapping (the command is copied).
+    out.print(f"tuned {result.describe()}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -280,14 +334,53 @@ def rollback(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) 
     out.print(result.describe())
 
 
-@app.command()
+report_app = typer.Typer(
+    help="Write reports/summary.md for the pipeline run and close its MLflow parent run; "
+    "`report compare` writes the pull-request report.",
+    invoke_without_command=True,
+)
+app.add_typer(report_app, name="report")
+
+
+@report_app.callback()
 @handle_errors
-def report(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+def report(
+    ctx: typer.Context, params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None
+) -> None:
     """Write reports/summary.md for the pipeline run and close its MLflow parent run."""
+    if ctx.invoked_subcommand is not None:
+        return  # `visionops report compare ...`: the subcommand does the work
     from visionops.report import run_report
 
     params, layout = _params(params_file, set_), _layout()
     result = run_report(params, layout)
+    out.print(result.describe())
+
+
+@report_app.command("compare")
+@handle_errors
+def report_compare(
+    base: Annotated[
+        str,
+        typer.Option(
+            help="what to compare with: a git ref (its committed metrics/, plots/, "
+            "params.yaml), another workspace folder, or a JSON metrics file "
+            "(`dvc metrics show --json`)"
+        ),
+    ] = "main",
+    output: Annotated[Path, typer.Option("--out", "-o", help="Markdown file to write")] = Path(
+        "reports/compare.md"
+    ),
+    images: Annotated[
+        Path | None,
+        typer.Option(help="folder for the images (default: beside the report, REPORT-img/)"),
+    ] = None,
+    title: Annotated[str, typer.Option(help="the report's heading")] = "Model report",
+) -> None:
+    """Compare this workspace's metrics, params and plots with a base (the PR report)."""
+    from visionops.compare_report import run_compare_report
+
+    result = run_compare_report(_layout(), base=base, out=output, images_dir=images, title=title)
     out.print(result.describe())
 
 

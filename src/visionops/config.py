@@ -73,8 +73,126 @@ class TrainParams(StrictModel):
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     width: int = Field(default=32, ge=4, description="base channel/hidden width of the zoo")
     patience: int = Field(default=3, ge=1, description="early stopping on val accuracy")
-    num_threads: int = Field(default=0, ge=0, description="0 = number of cores")
-    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    num_threads: int = Field(
+        default=0, ge=0, description="per process; 0 = cores (divided among DDP processes)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="cpu", description="auto = cuda when a GPU is present"
+    )
+    amp: bool = Field(default=False, description="mixed precision (bf16/fp16 autocast) on CUDA")
+    compile: bool = Field(default=False, description="torch.compile the model on CUDA")
+    nproc: int = Field(
+        default=1, ge=1, description="processes on this machine; >1 = DDP through torchrun"
+    )
+
+
+#: Train params a tuning search space may set (besides ``model``, the architecture).
+UNTUNABLE_TRAIN_PARAMS = frozenset({"models", "num_threads", "device", "nproc", "compile"})
+
+
+class RangeDim(StrictModel):
+    """A numeric range; integer or float as the train param it sets."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RangeDim:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("a range is either log or stepped, not both")
+        return self
+
+
+class ChoiceDim(StrictModel):
+    """A list of values to choose from."""
+
+    choices: list[bool | int | float | str] = Field(min_length=1)
+
+
+def _default_space() -> dict[str, RangeDim | ChoiceDim]:
+    return {
+        "model": ChoiceDim(choices=["cnn", "mlp"]),
+        "lr": RangeDim(low=0.0005, high=0.02, log=True),
+        "batch_size": ChoiceDim(choices=[64, 128, 256]),
+        "width": ChoiceDim(choices=[16, 32, 48]),
+        "dropout": RangeDim(low=0.0, high=0.4),
+        "weight_decay": RangeDim(low=1e-5, high=1e-3, log=True),
+    }
+
+
+class TuneParams(StrictModel):
+    """Hyperparameter search (`visionops tune`): what to vary, how to search and prune."""
+
+    metric: Literal["val_accuracy", "val_loss"] = Field(
+        default="val_accuracy", description="val_accuracy is maximised, val_loss minimised"
+    )
+    sampler: Literal["tpe", "random"] = "tpe"
+    random_trials: int = Field(
+        default=4, ge=0, description="tpe: random trials before the model-based search"
+    )
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    prune_after_trials: int = Field(
+        default=2, ge=0, description="median: finished trials needed before pruning"
+    )
+    prune_after_epochs: int = Field(
+        default=1, ge=1, description="epochs every trial runs before it can be pruned"
+    )
+    enqueue_defaults: bool = Field(
+        default=True, description="the first trial uses the train params: a baseline"
+    )
+    space: dict[str, RangeDim | ChoiceDim] = Field(default_factory=_default_space, min_length=1)
+
+    @model_validator(mode="after")
+    def _known_keys(self) -> TuneParams:
+        from visionops.models.names import MODEL_NAMES
+
+        for key, dim in self.space.items():
+            if key == "model":
+                if not isinstance(dim, ChoiceDim):
+                    raise ValueError("space.model must be a list of choices")
+                unknown = [c for c in dim.choices if c not in MODEL_NAMES]
+                if unknown:
+                    raise ValueError(f"space.model: unknown model(s) {unknown}")
+                continue
+            if key not in TrainParams.model_fields or key in UNTUNABLE_TRAIN_PARAMS:
+                tunable = sorted(set(TrainParams.model_fields) - UNTUNABLE_TRAIN_PARAMS)
+                raise ValueError(f"space.{key}: not a tunable train param; choose from {tunable}")
+            kind = tunable_kind(key)
+            if isinstance(dim, RangeDim):
+                if kind == "other":
+                    raise ValueError(f"space.{key}: not numeric, give a list of choices")
+                values: list[Any] = [dim.low, dim.high]
+                if kind == "int":
+                    if any(v != int(v) for v in (dim.low, dim.high, dim.step or 1)):
+                        raise ValueError(f"space.{key}: an integer param needs integer bounds")
+                    values = [int(v) for v in values]
+            else:
+                values = list(dim.choices)
+            for value in values:  # every value must be a valid train.<key>
+                try:
+                    TrainParams.model_validate({key: value})
+                except ValidationError as err:
+                    raise ValueError(
+                        f"space.{key}: {value!r} is not a valid train.{key} "
+                        f"({err.errors()[0]['msg']})"
+                    ) from None
+        return self
+
+
+def tunable_kind(key: str) -> Literal["int", "float", "other"]:
+    """How a search dimension for ``train.<key>`` is sampled: int, float, or choices only."""
+    annotation = TrainParams.model_fields[key].annotation
+    if annotation is int:
+        return "int"
+    if annotation is float:
+        return "float"
+    return "other"
 
 
 class EvaluateParams(StrictModel):
@@ -115,6 +233,7 @@ class Params(StrictModel):
     registry: RegistryParams = RegistryParams()
     gate: GateParams = GateParams()
     serve: ServeParams = ServeParams()
+    tune: TuneParams = TuneParams()
 
     @model_validator(mode="after")
     def _known_models(self) -> Params:
@@ -220,6 +339,7 @@ class Settings:
     admin_token: str | None
     predlog_url: str
     webhook_url: str | None
+    tune_storage: str | None = None
 
 
 def load_settings(root: Path | None = None) -> Settings:
@@ -231,4 +351,5 @@ def load_settings(root: Path | None = None) -> Settings:
         predlog_url=os.environ.get("VISIONOPS_PREDLOG_URL")
         or f"sqlite:///{base / 'predictions.db'}",
         webhook_url=os.environ.get("VISIONOPS_ALERT_WEBHOOK") or None,
+        tune_storage=os.environ.get("VISIONOPS_TUNE_STORAGE") or None,
     )

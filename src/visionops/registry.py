@@ -423,6 +423,90 @@ def stage_run(stage: str, params: Params, layout: Layout) -> Iterator[StageTrack
     client.set_terminated(tracker.run_id, "FINISHED")
 
 
+@contextmanager
+def tuning_run(
+    study: str, params: Params, layout: Layout, run_id: str | None = None
+) -> Iterator[StageTracker]:
+    """The parent run of a tuning study; each trial is a :func:`nested_run` under it.
+
+    ``run_id`` (recorded in the Optuna study by the first worker) resumes that run, so
+    workers on several machines sharing one tracking store log their trials under one
+    parent; when it is not in this store, a new parent ``tune-<study>`` is started with
+    the params logged. Ends FINISHED, or FAILED (KILLED on Ctrl-C) if the body raises.
+    """
+    client, settings = _connect(layout)
+    run = None
+    if run_id:
+        try:
+            run = client.get_run(run_id)
+        except Exception as exc:
+            if not _not_found(exc):
+                raise
+        if run is not None and run.info.lifecycle_stage != "active":
+            run = None
+    if run is None:
+        experiment_id = _experiment_id(client, params.registry.experiment, settings)
+        tags = {
+            "visionops.kind": "tune",
+            "visionops.study": study,
+            "visionops.model_name": params.model_name(),
+        }
+        run = client.create_run(experiment_id, run_name=f"tune-{study}", tags=tags)
+        _log_params(client, run.info.run_id, flatten_params(params))
+    else:
+        client.update_run(run.info.run_id, status="RUNNING")
+    parent_id = str(run.info.run_id)
+    tracker = StageTracker(client, parent_id, "tune", parent_id)
+    with _ended(client, tracker):
+        yield tracker
+
+
+@contextmanager
+def nested_run(
+    parent: StageTracker,
+    name: str,
+    tags: Mapping[str, Any] | None = None,
+    finished_on: tuple[type[BaseException], ...] = (),
+) -> Iterator[StageTracker]:
+    """A run nested under ``parent`` (a tuning trial under its study's run).
+
+    Ends FINISHED, or FAILED (KILLED on Ctrl-C) if the body raises -- except for the
+    exception types in ``finished_on`` (a pruned trial), which end it FINISHED and
+    propagate.
+    """
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    client = parent._client
+    experiment_id = client.get_run(parent.run_id).info.experiment_id
+    all_tags = {MLFLOW_PARENT_RUN_ID: parent.run_id, "visionops.stage": name}
+    all_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
+    run = client.create_run(str(experiment_id), run_name=name, tags=all_tags)
+    tracker = StageTracker(client, str(run.info.run_id), name, parent.run_id)
+    with _ended(client, tracker, finished_on):
+        yield tracker
+
+
+@contextmanager
+def _ended(
+    client: MlflowClient, tracker: StageTracker, finished_on: tuple[type[BaseException], ...] = ()
+) -> Iterator[None]:
+    """Terminate ``tracker``'s run when the block ends: FINISHED, FAILED or KILLED."""
+    try:
+        yield
+    except finished_on:
+        client.set_terminated(tracker.run_id, "FINISHED")
+        raise
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        try:
+            tracker.set_tags({"visionops.error": f"{type(exc).__name__}: {exc}"[:5000]})
+            client.set_terminated(tracker.run_id, status)
+        except Exception as log_exc:  # the body's own error matters more
+            log.warning("could not mark run %s %s: %s", tracker.run_id, status, log_exc)
+        raise
+    client.set_terminated(tracker.run_id, "FINISHED")
+
+
 # --------------------------------------------------------------------------- registering
 
 # The pyfunc model, logged *from code*: MLflow stores this source beside the artifacts and

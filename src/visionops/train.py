@@ -21,6 +21,16 @@
   ``torch.load(weights_only=True)``.
 - On the CPU, convolutional models train in the channels_last memory format (about 1.3x
   faster with oneDNN here).
+- ``train.device``: ``cpu``, ``cuda`` or ``auto`` (CUDA when present). On CUDA the splits
+  live on the GPU (indexing and augmentation happen there, so no DataLoader, workers or
+  pinned host memory are needed); ``train.amp`` adds bfloat16/float16 autocast and
+  ``train.compile`` wraps the model in ``torch.compile``.
+- Distributed data parallel: started by torchrun (``visionops train --nproc K`` launches
+  ``torchrun --nproc-per-node K -m visionops.train``), every rank draws the same seeded
+  permutation and trains on its own contiguous chunk of each global batch of
+  ``train.batch_size`` images (:mod:`visionops.distributed`); DDP averages the gradients,
+  epoch metrics and the sharded validation are summed over the ranks, and only rank 0
+  writes checkpoints, outputs, TensorBoard and MLflow. Same params, same outputs.
 
 Outputs (paths from :class:`~visionops.layout.Layout`): ``model_dir/model.pt`` (best
 ``state_dict``), ``model_dir/config.json``, ``train_metrics`` and ``learning_curve``
@@ -44,13 +54,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from visionops.errors import DataError, ModelError
+from visionops import distributed
+from visionops.errors import ConfigError, DataError, ModelError, VisionOpsError
 
 if TYPE_CHECKING:
     import torch
 
     from visionops.config import Params
     from visionops.data.transforms import PreprocessSpec
+    from visionops.distributed import DistContext
     from visionops.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -175,14 +187,45 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
+def rank_device(device: torch.device, ctx: DistContext | None) -> torch.device:
+    """The device of this process: ``cuda:LOCAL_RANK`` for a DDP rank on CUDA."""
+    import torch
+
+    if ctx is not None and device.type == "cuda":
+        return torch.device("cuda", ctx.local_rank)
+    return device
+
+
+def mixed_precision_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.amp``: None on the CPU or when off (CUDA only)."""
+    import torch
+
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def shift_offsets(n: int, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Random ``(2, n)`` row/column offsets in ``[0, 2 * max_shift]`` for :func:`shift_batch`."""
+    import torch
+
+    return torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
+
+
 def shift_batch(
-    x: torch.Tensor, max_shift: int, fill: torch.Tensor, generator: torch.Generator
+    x: torch.Tensor,
+    max_shift: int,
+    fill: torch.Tensor,
+    generator: torch.Generator,
+    offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Translate every image of ``x (N, C, H, W)`` by its own random offset in
     ``[-max_shift, max_shift]`` pixels; uncovered pixels get ``fill`` (per channel).
 
     Whole-batch tensor ops (pad, then gather rows and columns); the offsets come from
-    ``generator`` (on the CPU) so runs and resumed runs repeat exactly.
+    ``generator`` (on the CPU) so runs and resumed runs repeat exactly. DDP ranks pass
+    their columns of ``offsets`` drawn for the whole global batch instead, which keeps
+    every rank's generator in step.
     """
     import torch
 
@@ -193,17 +236,21 @@ def shift_batch(
     padded = fill.to(x.device, x.dtype).view(1, c, 1, 1).expand(n, c, h + 2 * s, w + 2 * s)
     padded = padded.clone()
     padded[:, :, s : s + h, s : s + w] = x
-    offsets = torch.randint(0, 2 * s + 1, (2, n), generator=generator).to(x.device)
+    if offsets is None:
+        offsets = shift_offsets(n, max_shift, generator)
+    offsets = offsets.to(x.device)
     rows = offsets[0, :, None] + torch.arange(h, device=x.device)
     cols = offsets[1, :, None] + torch.arange(w, device=x.device)
     padded = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * s))
     return padded.gather(3, cols[:, None, None, :].expand(n, c, h, w))
 
 
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Batches per epoch; a lone leftover image is dropped (BatchNorm needs two)."""
+def steps_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
+    """Batches per epoch; a last batch too small to give every process two images is
+    dropped (BatchNorm needs two): alone, that is a lone leftover image."""
     steps = math.ceil(n / batch_size)
-    return steps - 1 if steps > 1 and n % batch_size == 1 else steps
+    leftover = n - (steps - 1) * batch_size  # a full batch is never dropped
+    return steps - 1 if steps > 1 and leftover < min(batch_size, 2 * world_size) else steps
 
 
 def evaluate_logits(
@@ -263,8 +310,12 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def _progress_bar() -> Any:
-    """A transient rich progress bar on stderr, silent when stderr is not a terminal."""
+def progress_bar(enabled: bool = True) -> Any:
+    """A transient rich progress bar on stderr, silent when stderr is not a terminal.
+
+    Its rows show ``task.description``, a bar, done/total, ``task.fields["status"]`` and
+    the elapsed and remaining time.
+    """
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -285,7 +336,7 @@ def _progress_bar() -> Any:
         TimeRemainingColumn(),
         console=console,
         transient=True,
-        disable=not (console.is_terminal and sys.stderr.isatty()),
+        disable=not (enabled and console.is_terminal and sys.stderr.isatty()),
     )
 
 
@@ -310,9 +361,18 @@ class _RunState:
     images_seen: int = 0
 
 
-def _fingerprint(params: Params, model_name: str, arrays: Sequence[np.ndarray]) -> dict[str, Any]:
+def _fingerprint(
+    params: Params, model_name: str, arrays: Sequence[np.ndarray], world_size: int = 1
+) -> dict[str, Any]:
     """What must not change between an interrupted run and its resumption."""
-    tp = params.train.model_dump(mode="json", exclude={"models", "num_threads", "device"})
+    # Where and how fast it runs does not change the maths; amp and the number of
+    # processes do (recorded only when used, so older checkpoints stay resumable).
+    runtime = {"models", "num_threads", "device", "compile", "nproc", "amp"}
+    tp = params.train.model_dump(mode="json", exclude=runtime)
+    if params.train.amp:
+        tp["amp"] = True
+    if world_size > 1:
+        tp["world_size"] = world_size
     digest = hashlib.blake2b(digest_size=16)
     for a in arrays:  # ~50 MB for MNIST: a few tens of milliseconds
         digest.update(str((a.dtype, a.shape)).encode())
@@ -328,6 +388,7 @@ def _save_checkpoint(
     state: _RunState,
     generator: torch.Generator,
     fingerprint: dict[str, Any],
+    scaler: Any = None,
 ) -> None:
     import torch
 
@@ -354,6 +415,8 @@ def _save_checkpoint(
         "images_seen": state.images_seen,
         "rng": rng,
     }
+    if scaler is not None:  # float16 autocast on CUDA: the loss scale
+        checkpoint["scaler"] = scaler.state_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(checkpoint, tmp)
@@ -367,6 +430,7 @@ def _load_checkpoint(
     scheduler: Any,
     generator: torch.Generator,
     fingerprint: dict[str, Any],
+    scaler: Any = None,
 ) -> _RunState:
     import torch
 
@@ -386,6 +450,8 @@ def _load_checkpoint(
     model.load_state_dict(ck["model"])
     optimizer.load_state_dict(ck["optimizer"])
     scheduler.load_state_dict(ck["scheduler"])
+    if scaler is not None and "scaler" in ck:
+        scaler.load_state_dict(ck["scaler"])
     torch.set_rng_state(ck["rng"]["torch"])
     generator.set_state(ck["rng"]["shuffle"])
     if "cuda" in ck["rng"] and torch.cuda.is_available():
@@ -415,6 +481,7 @@ def run_train(
     model_name: str,
     resume: bool = False,
     on_epoch: EpochCallback | None = None,
+    show_progress: bool = True,
 ) -> TrainResult:
     """Train ``model_name`` on the prepared train split, select on the val split.
 
@@ -422,6 +489,11 @@ def run_train(
     written) with ``train_loss``, ``train_accuracy``, ``val_loss``, ``val_accuracy`` and
     ``lr``; the CLI passes MLflow's ``log_metrics``. With ``resume=True`` training
     continues from ``checkpoints/last.pt`` (or starts afresh when there is none).
+    ``show_progress=False`` hides the progress bar (a caller showing its own).
+
+    Inside an initialised process group (torchrun, :func:`main`) this process is one DDP
+    rank: every rank returns the same result, only rank 0 writes files and calls
+    ``on_epoch``.
     """
     from visionops.data.transforms import PreprocessSpec
     from visionops.models.zoo import build_model
@@ -442,13 +514,48 @@ def run_train(
         )
     # Fail on an unknown architecture before any work.
     build_model(model_name, spec.channels, spec.image_size, len(classes), tp.width, tp.dropout)
-    device = resolve_device(tp.device)
+    ctx = distributed.current()
+    device = rank_device(resolve_device(tp.device), ctx)
+    world = ctx.world_size if ctx else 1
+    if world > 1 and min(tp.batch_size, len(x_train)) < 2 * world:
+        raise ConfigError(
+            f"train.batch_size={tp.batch_size} over {len(x_train)} images leaves fewer than "
+            f"2 images per process for {world} processes"
+        )
+    threads = tp.num_threads or distributed.threads_per_rank(
+        _usable_cores(), ctx.local_world_size if ctx else 1
+    )
 
-    with _torch_settings(tp.num_threads or _usable_cores()):
+    with _torch_settings(threads):
         return _train(
             params, layout, model_name, resume, on_epoch, device, spec, classes, started,
-            (x_train, y_train, x_val, y_val),
+            (x_train, y_train, x_val, y_val), show_progress, ctx,
         )  # fmt: skip
+
+
+def _validate(
+    model: torch.nn.Module,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    batch_size: int,
+    channels_last: bool,
+    ctx: DistContext | None,
+) -> tuple[float, float]:
+    """``(val_loss, val_accuracy)``; DDP ranks each score a shard and add up the sums."""
+    import torch.nn.functional as F
+
+    if ctx is None or ctx.world_size == 1:
+        val_logits = evaluate_logits(model, x_val, batch_size, channels_last)
+        val_loss = float(F.cross_entropy(val_logits, y_val).item())
+        return val_loss, float((val_logits.argmax(1) == y_val).float().mean().item())
+    lo, hi = distributed.shard_bounds(len(x_val), ctx.rank, ctx.world_size)
+    loss_sum, correct = 0.0, 0.0
+    if hi > lo:
+        logits = evaluate_logits(model, x_val[lo:hi], batch_size, channels_last)
+        loss_sum = float(F.cross_entropy(logits, y_val[lo:hi], reduction="sum").item())
+        correct = float((logits.argmax(1) == y_val[lo:hi]).sum().item())
+    loss_sum, correct = distributed.all_reduce_sums([loss_sum, correct], ctx)
+    return loss_sum / len(x_val), correct / len(x_val)
 
 
 def _train(
@@ -462,6 +569,8 @@ def _train(
     classes: list[str],
     started: float,
     arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    show_progress: bool = True,
+    ctx: DistContext | None = None,
 ) -> TrainResult:
     import torch
     import torch.nn.functional as F
@@ -471,6 +580,8 @@ def _train(
     from visionops.models.zoo import build_model, count_parameters
 
     tp = params.train
+    rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
+    is_main = rank == 0
     torch.manual_seed(params.seed)
     generator = torch.Generator().manual_seed(params.seed)
     model = build_model(
@@ -479,6 +590,25 @@ def _train(
     channels_last = device.type == "cpu" and model.prefers_channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    # `net` is what the training steps call: the model, or its DDP / compiled wrapper.
+    # State dicts, validation and outputs always use the plain `model`.
+    net: Any = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copies
+        )
+    if tp.compile and device.type == "cuda":
+        net = torch.compile(net)
+    elif tp.compile:
+        log.info("train.compile applies on CUDA only; training uncompiled on %s", device)
+    amp_dtype = mixed_precision_dtype(tp.amp, device)
+    if tp.amp and amp_dtype is None:
+        log.info("train.amp applies on CUDA only; training in float32 on %s", device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     x_train = torch.from_numpy(normalize(arrays[0], spec)).to(device)
     y_train = torch.from_numpy(arrays[1]).to(device)
@@ -486,7 +616,7 @@ def _train(
     y_val = torch.from_numpy(arrays[3]).to(device)
     n_train = len(x_train)
     batch_size = min(tp.batch_size, n_train)
-    n_steps = steps_per_epoch(n_train, batch_size)
+    n_steps = steps_per_epoch(n_train, batch_size, world)
     # The value of a black pixel after normalisation: what a shift uncovers.
     fill = -torch.tensor(spec.mean) / torch.tensor(spec.std)
     fill = fill.expand(spec.channels).clone()
@@ -497,46 +627,78 @@ def _train(
     )
     model_dir = layout.model_dir(model_name)
     ckpt_path = model_dir / "checkpoints" / "last.pt"
-    fingerprint = _fingerprint(params, model_name, arrays)
+    fingerprint = _fingerprint(params, model_name, arrays, world)
 
     state = _RunState()
-    if resume and ckpt_path.is_file():
-        state = _load_checkpoint(ckpt_path, model, optimizer, scheduler, generator, fingerprint)
+    found = resume and ckpt_path.is_file()
+    if resume and not distributed.all_agree(found, ctx):
+        raise ModelError(
+            f"{ckpt_path} exists for some processes only: resuming on several machines "
+            "needs the checkpoint folder on a shared filesystem"
+        )
+    if found:
+        state = _load_checkpoint(
+            ckpt_path, model, optimizer, scheduler, generator, fingerprint, scaler
+        )
         log.info("resuming %s after epoch %d from %s", model_name, state.epoch, ckpt_path)
     elif resume:
         log.warning("no checkpoint at %s; training %s from scratch", ckpt_path, model_name)
     resumed_from, seconds_before = state.epoch, state.seconds
     log.info(
-        "training %s (%s params) on %d images, %d val, %d epochs x %d steps, %s, %d threads",
+        "training %s (%s params) on %d images, %d val, %d epochs x %d steps, %s, %d threads%s",
         model_name, f"{count_parameters(model):,}", n_train, len(x_val), tp.epochs, n_steps,
-        device, torch.get_num_threads(),
+        device, torch.get_num_threads(), f", {world} DDP processes" if world > 1 else "",
     )  # fmt: skip
 
-    writer = SummaryWriter(
-        log_dir=str(layout.tensorboard_dir / model_name), purge_step=state.epoch + 1
+    writer = (
+        SummaryWriter(log_dir=str(layout.tensorboard_dir / model_name), purge_step=state.epoch + 1)
+        if is_main
+        else None
     )
     try:
-        with _progress_bar() as progress:
+        with progress_bar(enabled=show_progress and is_main) as progress:
             task = progress.add_task(model_name, total=tp.epochs * n_steps, status="")
             progress.update(task, completed=state.epoch * n_steps)
             while not state.finished:
                 epoch = state.epoch + 1
                 epoch_start = time.perf_counter()
-                model.train()
+                net.train()
                 perm = torch.randperm(n_train, generator=generator).to(device)
                 loss_sum, correct, seen, lr = 0.0, 0, 0, tp.lr
                 for step in range(n_steps):
                     idx = perm[step * batch_size : (step + 1) * batch_size]
+                    n_global = len(idx)
+                    # Offsets for the whole global batch: every rank's generator stays in step.
+                    offsets = (
+                        shift_offsets(n_global, tp.max_shift, generator)
+                        if tp.augment and tp.max_shift > 0
+                        else None
+                    )
+                    if world > 1:
+                        lo, hi = distributed.shard_bounds(n_global, rank, world)
+                        idx = idx[lo:hi]
+                        offsets = offsets[:, lo:hi] if offsets is not None else None
                     xb, yb = x_train[idx], y_train[idx]
-                    if tp.augment:
-                        xb = shift_batch(xb, tp.max_shift, fill, generator)
+                    if offsets is not None:
+                        xb = shift_batch(xb, tp.max_shift, fill, generator, offsets)
                     if channels_last:
                         xb = xb.contiguous(memory_format=torch.channels_last)
-                    logits = model(xb)
-                    loss = F.cross_entropy(logits, yb, label_smoothing=tp.label_smoothing)
+                    with torch.autocast(
+                        device.type, dtype=amp_dtype, enabled=amp_dtype is not None
+                    ):
+                        logits = net(xb)
+                        loss = F.cross_entropy(logits, yb, label_smoothing=tp.label_smoothing)
+                    # DDP averages gradients over ranks; weighting by the chunk's share
+                    # makes that the global batch's mean when chunks differ in size.
+                    weighted = loss * (len(yb) * world / n_global) if world > 1 else loss
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    if scaler is not None:
+                        scaler.scale(weighted).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        weighted.backward()
+                        optimizer.step()
                     lr = float(optimizer.param_groups[0]["lr"])
                     scheduler.step()
                     # .item() syncs; cheap on CPU, and once per batch is fine on GPU too.
@@ -551,12 +713,16 @@ def _train(
                             status=f"loss {loss_sum / seen:.4f}",
                         )
                 step_seconds = time.perf_counter() - epoch_start
+                if world > 1:
+                    loss_sum, total_correct, total_seen = distributed.all_reduce_sums(
+                        [loss_sum, correct, seen], ctx
+                    )
+                    correct, seen = round(total_correct), round(total_seen)
+                    distributed.broadcast_buffers(model, ctx)
 
-                val_logits = evaluate_logits(
-                    model, x_val, params.evaluate.batch_size, channels_last
+                val_loss, val_accuracy = _validate(
+                    model, x_val, y_val, params.evaluate.batch_size, channels_last, ctx
                 )
-                val_loss = float(F.cross_entropy(val_logits, y_val).item())
-                val_accuracy = float((val_logits.argmax(1) == y_val).float().mean().item())
                 row = {
                     "epoch": epoch,
                     "train_loss": loss_sum / seen,
@@ -582,22 +748,26 @@ def _train(
                     state.finished = state.stopped_early = True
                     log.info("early stop after epoch %d: no val gain in %d", epoch, tp.patience)
                 state.finished = state.finished or epoch >= tp.epochs
-                _save_checkpoint(
-                    ckpt_path, model, optimizer, scheduler, state, generator, fingerprint
-                )
+                if is_main:
+                    _save_checkpoint(
+                        ckpt_path, model, optimizer, scheduler, state, generator, fingerprint,
+                        scaler,
+                    )  # fmt: skip
                 log.info(
                     "%s epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s",
                     model_name, epoch, tp.epochs, row["train_loss"], row["train_accuracy"],
                     val_loss, val_accuracy, time.perf_counter() - epoch_start,
                 )  # fmt: skip
                 # Same tags for every model: TensorBoard overlays runs/cnn, runs/mlp, ...
-                for key, tag in TENSORBOARD_TAGS.items():
-                    writer.add_scalar(tag, row[key], epoch)
-                writer.flush()
-                if on_epoch is not None:
+                if writer is not None:
+                    for key, tag in TENSORBOARD_TAGS.items():
+                        writer.add_scalar(tag, row[key], epoch)
+                    writer.flush()
+                if on_epoch is not None and is_main:
                     on_epoch({k: float(v) for k, v in row.items() if k != "epoch"}, epoch)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
 
     if state.best_state is None:  # pragma: no cover - at least one epoch always runs
         raise ModelError(f"{model_name}: no epoch completed")
@@ -619,7 +789,9 @@ def _train(
         params=n_params,
         history=list(state.history),
     )
-    _write_outputs(params, layout, result, state.best_state, spec, classes)
+    if is_main:
+        _write_outputs(params, layout, result, state.best_state, spec, classes)
+    distributed.barrier(ctx)  # the other ranks end once rank 0 has written
     return result
 
 
@@ -671,3 +843,108 @@ def _write_outputs(
     )
     _write_json(layout.learning_curve(result.model_name), result.history)
     log.info("wrote %s", result.model_dir)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def launch_distributed(
+    params_file: str | Path, overrides: Sequence[str], model_name: str, nproc: int, resume: bool
+) -> None:
+    """Train with ``nproc`` DDP processes on this machine: ``torchrun --standalone
+    --nproc-per-node nproc -m visionops.train MODEL ...`` in the foreground.
+
+    What ``visionops train --nproc K`` (or ``train.nproc: K``) runs. Raises
+    :class:`ModelError` when a rank fails; its message is above in the output.
+    """
+    if distributed.launched_by_torchrun():
+        raise ConfigError(
+            "already running under torchrun: run `python -m visionops.train` as the worker "
+            "instead of launching another torchrun (leave train.nproc at 1)"
+        )
+    args = ["-m", "visionops.train", model_name, "--params", str(params_file)]
+    for item in [*overrides, f"train.nproc={nproc}"]:
+        args += ["--set", item]
+    if resume:
+        args.append("--resume")
+    code = distributed.launch(distributed.torchrun_command(nproc, args))
+    if code != 0:
+        raise ModelError(
+            f"distributed training of {model_name} on {nproc} processes failed "
+            f"(torchrun exit code {code}); the failing rank's message is above"
+        )
+
+
+def _train_tracked(
+    params: Params, layout: Layout, model_name: str, resume: bool, ctx: DistContext | None
+) -> TrainResult:
+    """``run_train`` in a tracked MLflow stage run on rank 0 (as ``visionops train``)."""
+    if ctx is not None and not ctx.is_main:
+        return run_train(params, layout, model_name, resume=resume)
+    from visionops import registry
+
+    with registry.stage_run(f"train-{model_name}", params, layout) as tracker:
+        if ctx is not None:
+            tracker.set_tags({"visionops.world_size": ctx.world_size})
+        result = run_train(params, layout, model_name, resume=resume, on_epoch=tracker.log_metrics)
+        tracker.log_metrics(result.summary())
+        tracker.log_artifacts(layout.model_dir(model_name), "model")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m visionops.train MODEL [--params FILE] [--set key=value ...] [--resume]``.
+
+    The command torchrun starts on every rank (``torchrun --nproc-per-node K -m
+    visionops.train cnn``), and a plain single-process ``visionops train`` without
+    torchrun. Rank 0 tracks the run in MLflow and prints the result line; an error is one
+    line on stderr and exit code 2.
+    """
+    import argparse
+
+    # Read by torch and MLflow when they load, i.e. after this point.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    parser = argparse.ArgumentParser(
+        prog="python -m visionops.train",
+        description="Train one architecture of the zoo (one DDP rank under torchrun).",
+    )
+    parser.add_argument("model", help="architecture from the zoo: mlp, cnn, resnet")
+    parser.add_argument("--params", "-p", default="params.yaml", help="params file (YAML)")
+    parser.add_argument(
+        "--set", "-s", dest="overrides", action="append", default=[], help="key=value"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    args = parser.parse_args(argv)
+
+    rank = int(os.environ.get("RANK", "0") or 0)
+    level = os.environ.get("VISIONOPS_LOG_LEVEL", "INFO").upper() if rank == 0 else "WARNING"
+    where = f" [rank {rank}]" if distributed.launched_by_torchrun() else ""
+    logging.basicConfig(level=level, format=f"%(levelname)s %(name)s{where}: %(message)s")
+    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL", "git"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from visionops.config import load_params
+    from visionops.layout import Layout
+
+    try:
+        params = load_params(args.params, args.overrides)
+        layout = Layout.at(Path.cwd())
+        device = resolve_device(params.train.device)
+        with distributed.process_group(device.type) as ctx:
+            result = _train_tracked(params, layout, args.model, args.resume, ctx)
+    except VisionOpsError as exc:
+        print(f"error{where}: {exc}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        print(f"trained {result.describe()}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m visionops.train`, torchrun's target
+    # Run the imported module's main, not this __main__ copy: one set of classes.
+    from visionops.train import main as _main
+
+    sys.exit(_main())
