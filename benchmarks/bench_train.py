@@ -49,6 +49,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reference-epochs", type=int, default=14)  # the recipe's default
     ap.add_argument("--model", default="cnn")
+    ap.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="param override key=value"
+    )
     args = ap.parse_args()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -60,7 +63,9 @@ def main() -> None:
     from visionops.models.zoo import build_model
     from visionops.train import run_train
 
-    params = load_params(REPO / "params.yaml", [f"data.path={REPO / 'data/raw/mnist'}"])
+    params = load_params(
+        REPO / "params.yaml", [f"data.path={REPO / 'data/raw/mnist'}", *args.overrides]
+    )
     layout = Layout.at(WORK)
     run_ingest(params, layout)
     run_prepare(params, layout)

@@ -63,7 +63,7 @@ class PreprocessParams(StrictModel):
 
 class TrainParams(StrictModel):
     models: list[str] = Field(default_factory=lambda: ["cnn", "mlp"], min_length=1)
-    epochs: int = Field(default=6, ge=1)
+    epochs: int = Field(default=4, ge=1)
     batch_size: int = Field(default=128, ge=1)
     lr: float = Field(default=3e-3, gt=0.0)
     weight_decay: float = Field(default=1e-4, ge=0.0)

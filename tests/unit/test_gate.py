@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -82,21 +81,8 @@ def test_mcnemar_counts_discordant_pairs() -> None:
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty, migrated MLflow SQLite store; copying it is much cheaper than migrating."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_db: Path) -> Layout:
-    shutil.copy(migrated_db, tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    monkeypatch.delenv("VISIONOPS_PARENT_RUN_ID", raising=False)
-    monkeypatch.chdir(tmp_path)
+def layout(tmp_path: Path, store: str) -> Layout:
     layout = Layout(tmp_path)
     layout.prepared_dir.mkdir(parents=True)
     y = np.repeat(np.arange(K), PER_CLASS).astype(np.int64)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,26 +25,6 @@ from visionops.layout import Layout
 
 NAME = "tiny-model"
 SIZE, K = 8, 3
-
-
-@pytest.fixture(scope="module")
-def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An empty, migrated MLflow SQLite store; copying it is much cheaper than migrating."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_db: Path) -> str:
-    shutil.copy(migrated_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    monkeypatch.delenv("VISIONOPS_PARENT_RUN_ID", raising=False)
-    monkeypatch.delenv("VISIONOPS_ARTIFACT_ROOT", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return uri
 
 
 @pytest.fixture
