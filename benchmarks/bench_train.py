@@ -85,11 +85,7 @@ def main() -> None:
     started = time.perf_counter()
     checkpoint = layout.model_dir(args.model) / "checkpoints" / "last.pt"
 
-    def on_epoch(metrics: dict[str, float], epoch: int) -> None:
-        nonlocal eval_seconds
-        t0 = time.perf_counter()
-        train_seconds = t0 - started - eval_seconds
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    def model_with(weights: dict[str, torch.Tensor]) -> torch.nn.Module:
         model = build_model(
             args.model,
             spec.channels,
@@ -98,22 +94,21 @@ def main() -> None:
             params.train.width,
             params.train.dropout,
         )
-        model.load_state_dict(state["model"])
-        acc = accuracy(model, x_test, y_test)
+        model.load_state_dict(weights)
+        return model
+
+    def on_epoch(metrics: dict[str, float], epoch: int) -> None:
+        nonlocal eval_seconds
+        t0 = time.perf_counter()
+        train_seconds = t0 - started - eval_seconds
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        acc = accuracy(model_with(state["model"]), x_test, y_test)
         eval_seconds += time.perf_counter() - t0
         curve.append({"epoch": epoch, "train_seconds": train_seconds, "test_accuracy": acc})
 
     result = run_train(params, layout, args.model, on_epoch=on_epoch)
     train_metrics = json.loads(layout.train_metrics(args.model).read_text())
-    final_model = build_model(
-        args.model,
-        spec.channels,
-        spec.image_size,
-        len(meta["classes"]),
-        params.train.width,
-        params.train.dropout,
-    )
-    final_model.load_state_dict(
+    final_model = model_with(
         torch.load(layout.model_dir(args.model) / "model.pt", weights_only=True)
     )
     ours = {

@@ -410,17 +410,8 @@ def stage_run(stage: str, params: Params, layout: Layout) -> Iterator[StageTrack
     )
     tracker = StageTracker(client, str(run.info.run_id), stage, parent_id)
     tracker.log_params(stage_params(stage, params))
-    try:
+    with _ended(client, tracker):
         yield tracker
-    except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        try:
-            tracker.set_tags({"visionops.error": f"{type(exc).__name__}: {exc}"[:5000]})
-            client.set_terminated(tracker.run_id, status)
-        except Exception as log_exc:  # the stage's own error matters more
-            log.warning("could not mark run %s %s: %s", tracker.run_id, status, log_exc)
-        raise
-    client.set_terminated(tracker.run_id, "FINISHED")
 
 
 @contextmanager
