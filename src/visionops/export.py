@@ -95,16 +95,12 @@ def read_json(path: Path, produced_by: str) -> dict[str, Any]:
 
 def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``x`` (uint8 N,H,W,C) and ``y`` (int64) of a prepared split."""
+    from visionops.data.ingest import read_npz
+
     if not path.is_file():
         raise DataError(f"{path} not found: run `visionops prepare` first")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            x, y = data["x"], data["y"]
-    except KeyError as exc:
-        raise DataError(f"{path}: missing array {exc}") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable .npz ({exc})") from None
-    return x, y.astype(np.int64)
+    arrays = read_npz(path, ("x", "y"))
+    return arrays["x"], arrays["y"].astype(np.int64)
 
 
 def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:

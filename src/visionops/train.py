@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from visionops import distributed
+from visionops.data.ingest import read_npz
 from visionops.errors import ConfigError, DataError, ModelError, VisionOpsError
 
 if TYPE_CHECKING:
@@ -153,11 +154,8 @@ def load_split(layout: Layout, split: str, num_classes: int) -> tuple[np.ndarray
     path = layout.split_npz(split)
     if not path.is_file():
         raise DataError(f"prepared data not found: {path} is missing (run `visionops prepare`)")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            x, y = npz["x"], npz["y"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise DataError(f"{path}: cannot read arrays 'x' and 'y' ({exc})") from None
+    arrays = read_npz(path, ("x", "y"))
+    x, y = arrays["x"], arrays["y"]
     if x.dtype != np.uint8 or x.ndim != 4:
         raise DataError(f"{path}: 'x' must be uint8 (N, H, W, C), got {x.dtype} {x.shape}")
     if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
