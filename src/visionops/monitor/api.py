@@ -75,6 +75,12 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
+def _predlog_disabled() -> JSONResponse:
+    return _error(
+        503, "predlog_disabled", "predictions are not logged: no prediction-log URL is configured"
+    )
+
+
 class MonitoringMetrics:
     """Drift gauges and the feedback counter, in the app's registry."""
 
@@ -134,11 +140,7 @@ def create_monitoring_router(
     def resolve() -> tuple[ReferenceProfile, str] | JSONResponse:
         url = get_predlog_url()
         if not url:
-            return _error(
-                503,
-                "predlog_disabled",
-                "predictions are not logged: no prediction-log URL is configured",
-            )
+            return _predlog_disabled()
         try:
             reference = get_reference()
         except VisionOpsError as exc:
@@ -215,11 +217,7 @@ def create_monitoring_router(
         """
         url = get_predlog_url()
         if not url:
-            return _error(
-                503,
-                "predlog_disabled",
-                "predictions are not logged: no prediction-log URL is configured",
-            )
+            return _predlog_disabled()
         try:
             result = record_feedback(
                 engine_for(url), body.request_id, str(body.label), body.input_index
