@@ -13,10 +13,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
+from linear_onnx import save_linear_classifier
 from mlflow import MlflowClient
-from onnx import TensorProto, helper, numpy_helper
 
 from visionops import registry
 from visionops.config import params_from_dict
@@ -128,25 +127,7 @@ def _register(layout: Layout, kind: str, parity: float = 0.0):
     folder = layout.export_dir
     folder.mkdir(parents=True, exist_ok=True)
     w, b = _weights(kind)
-    nodes = [
-        helper.make_node("Flatten", ["input"], ["embedding"], axis=1),
-        helper.make_node("MatMul", ["embedding", "W"], ["scores"]),
-        helper.make_node("Add", ["scores", "b"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        kind,
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, SIZE, SIZE])],
-        [
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", K]),
-            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", SIZE * SIZE]),
-        ],
-        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.save(model, folder / "model.onnx")
+    save_linear_classifier(folder / "model.onnx", w, b, SIZE, name=kind)
     meta = {
         "name": NAME,
         "architecture": kind,

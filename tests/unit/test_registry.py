@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from linear_onnx import save_linear_classifier
 from mlflow import MlflowClient
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 from visionops import registry
 from visionops.config import params_from_dict
@@ -40,29 +41,7 @@ def _params(**sections: dict):
 def _write_exported(folder: Path, weights: np.ndarray, bias: np.ndarray, accuracy: float) -> None:
     """A linear softmax classifier over the flattened image, in the exported-folder format."""
     folder.mkdir(parents=True, exist_ok=True)
-    dim = SIZE * SIZE
-    nodes = [
-        helper.make_node("Flatten", ["input"], ["embedding"], axis=1),
-        helper.make_node("MatMul", ["embedding", "W"], ["scores"]),
-        helper.make_node("Add", ["scores", "b"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "linear",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, SIZE, SIZE])],
-        [
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", K]),
-            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", dim]),
-        ],
-        initializer=[
-            numpy_helper.from_array(weights.astype(np.float32), "W"),
-            numpy_helper.from_array(bias.astype(np.float32), "b"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.save(model, folder / "model.onnx")
+    save_linear_classifier(folder / "model.onnx", weights, bias, SIZE)
     meta = {
         "name": NAME,
         "architecture": "linear",
