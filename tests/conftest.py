@@ -82,7 +82,7 @@ def postgres_url() -> Iterator[str]:
         detail = getattr(exc, "stderr", b"") or b""
         _unavailable(f"cannot start PostgreSQL: {exc} {detail.decode(errors='replace')[-500:]}")
     try:
-        yield f"postgresql+psycopg2://postgres@/postgres?host={base}&port={port}"
+        yield f"postgresql+psycopg://postgres@/postgres?host={base}&port={port}"
     finally:
         subprocess.run(
             [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],

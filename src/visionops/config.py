@@ -330,6 +330,25 @@ def params_to_yaml(params: Params) -> str:
     return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
 
 
+#: URL schemes that name PostgreSQL without a driver (SQLAlchemy then picks psycopg2).
+_BARE_POSTGRES = ("postgresql://", "postgres://", "postgresql+psycopg2://")
+
+
+def database_url(url: str) -> str:
+    """``url`` with PostgreSQL pointed at psycopg 3, the driver visionops installs.
+
+    SQLAlchemy (and so MLflow and Optuna) reads ``postgresql://`` as
+    ``postgresql+psycopg2://``, and psycopg2 is not a dependency; ``postgresql://``,
+    ``postgres://`` and ``postgresql+psycopg2://`` become ``postgresql+psycopg://``.
+    Every other URL (SQLite, ``http://`` tracking servers, explicit drivers) is
+    returned unchanged.
+    """
+    for prefix in _BARE_POSTGRES:
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    return url
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where things live; read from the environment by :func:`load_settings`."""
@@ -343,13 +362,18 @@ class Settings:
 
 
 def load_settings(root: Path | None = None) -> Settings:
+    """Settings from the environment; database URLs go through :func:`database_url`."""
     base = (root or Path.cwd()).resolve()
+    tune_storage = os.environ.get("VISIONOPS_TUNE_STORAGE") or None
     return Settings(
-        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{base / 'mlflow.db'}",
+        tracking_uri=database_url(
+            os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{base / 'mlflow.db'}"
+        ),
         artifact_root=os.environ.get("VISIONOPS_ARTIFACT_ROOT") or (base / "mlartifacts").as_uri(),
         admin_token=os.environ.get("VISIONOPS_ADMIN_TOKEN") or None,
-        predlog_url=os.environ.get("VISIONOPS_PREDLOG_URL")
-        or f"sqlite:///{base / 'predictions.db'}",
+        predlog_url=database_url(
+            os.environ.get("VISIONOPS_PREDLOG_URL") or f"sqlite:///{base / 'predictions.db'}"
+        ),
         webhook_url=os.environ.get("VISIONOPS_ALERT_WEBHOOK") or None,
-        tune_storage=os.environ.get("VISIONOPS_TUNE_STORAGE") or None,
+        tune_storage=database_url(tune_storage) if tune_storage else None,
     )

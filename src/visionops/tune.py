@@ -190,11 +190,11 @@ def default_study_name(params: Params) -> str:
 
 def resolve_storage(storage: str | None, layout: Layout) -> str:
     """``storage``, else ``VISIONOPS_TUNE_STORAGE``, else ``sqlite:///<root>/tuning/optuna.db``."""
-    from visionops.config import load_settings
+    from visionops.config import database_url, load_settings
 
     url = storage or load_settings(layout.root).tune_storage
     if url:
-        return url
+        return database_url(url)
     return f"sqlite:///{TuningPaths.of(layout).storage_db.resolve()}"
 
 

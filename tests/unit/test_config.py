@@ -75,3 +75,43 @@ def test_params_round_trip_through_yaml(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     path.write_text(params_to_yaml(params))
     assert load_params(path) == params
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://u:p@db:5432/x", "postgresql+psycopg://u:p@db:5432/x"),
+        ("postgres://u@db/x", "postgresql+psycopg://u@db/x"),
+        ("postgresql+psycopg2://u@/x?host=/tmp", "postgresql+psycopg://u@/x?host=/tmp"),
+        ("postgresql+psycopg://u@db/x", "postgresql+psycopg://u@db/x"),
+        ("sqlite:///tmp/mlflow.db", "sqlite:///tmp/mlflow.db"),
+        ("http://mlflow:5000", "http://mlflow:5000"),
+    ],
+)
+def test_database_urls_use_the_installed_postgres_driver(url: str, expected: str) -> None:
+    from visionops.config import database_url
+
+    assert database_url(url) == expected
+
+
+def test_every_postgres_url_the_project_opens_gets_an_engine(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """psycopg 3 is the installed driver: a plain postgresql:// URL must not need psycopg2."""
+    import sqlalchemy as sa
+
+    from visionops.config import load_settings
+    from visionops.layout import Layout
+    from visionops.serve.predlog import create_predlog_engine
+    from visionops.tune import resolve_storage
+
+    url = "postgresql://u@db.invalid/x"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("VISIONOPS_PREDLOG_URL", url)
+    monkeypatch.setenv("VISIONOPS_TUNE_STORAGE", url)
+    settings = load_settings(tmp_path)
+    layout = Layout.at(tmp_path)
+    for opened in (settings.tracking_uri, settings.predlog_url, resolve_storage(None, layout)):
+        assert sa.create_engine(opened).dialect.driver == "psycopg"  # no connection is made
+    assert create_predlog_engine(url).dialect.driver == "psycopg"
+    assert resolve_storage(url, layout).startswith("postgresql+psycopg://")

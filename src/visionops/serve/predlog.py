@@ -24,6 +24,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
+from visionops.config import database_url
 from visionops.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,12 @@ def safe_url(url: str) -> str:
 
 
 def create_predlog_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, a busy timeout and its folder created."""
+    """An engine for ``url``; SQLite gets WAL, a busy timeout and its folder created.
+
+    PostgreSQL URLs without the psycopg 3 driver are pointed at it
+    (:func:`visionops.config.database_url`).
+    """
+    url = database_url(url)
     try:
         parsed = make_url(url)
     except Exception:
