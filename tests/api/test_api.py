@@ -542,3 +542,29 @@ def test_run_server_fails_fast_on_a_bad_model(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("seed: 1\n")
     with pytest.raises(ModelError, match="model folder not found"):
         run_server(model_uri=str(tmp_path / "nothing"), params_file=tmp_path / "params.yaml")
+
+
+def test_metric_labels_stay_bounded_under_made_up_methods(client: TestClient) -> None:
+    """Any token is a method to the HTTP parser; /metrics must not grow a series per token."""
+    import random
+    import string
+
+    rng = random.Random(14)
+    made_up = ["PROPFIND", "PURGE", "BREW"] + [
+        "".join(rng.choices(string.ascii_uppercase, k=rng.randint(3, 12))) for _ in range(20)
+    ]
+    for method in made_up:
+        assert client.request(method, "/v1/predict").status_code == 405
+        client.request(method, f"/random/{method.lower()}")
+    client.get("/healthz")
+    m = metric_samples(client.get("/metrics").text)
+    methods = {
+        dict(labels)["method"]
+        for (name, labels) in m
+        if name.startswith("visionops_http_request") and "method" in dict(labels)
+    }
+    assert methods == {"GET", "other"}
+    statuses = {dict(labels)["status"] for (name, labels) in m if "status" in dict(labels)}
+    assert statuses <= {"200", "404", "405"}
+    other = {"route": "/v1/predict", "method": "other", "status": "405"}
+    assert m[("visionops_http_requests_total", tuple(sorted(other.items())))] == len(made_up)

@@ -16,9 +16,29 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
+#: The ``method`` label values (RFC 9110 section 9 plus PATCH); any other token becomes
+#: ``other``. The HTTP parser accepts any token as a method, and one series per made-up
+#: method would let clients grow ``/metrics`` without bound.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """``method`` when it is one of :data:`HTTP_METHODS`, else ``"other"``."""
+    return method if method in HTTP_METHODS else "other"
+
+
+def status_label(status: int) -> str:
+    """The status code as text for a valid code (100-599), else ``"other"``."""
+    return str(status) if 100 <= status <= 599 else "other"
+
 
 class ServeMetrics:
-    """Every series the service exports."""
+    """Every series the service exports.
+
+    Every label has a bounded set of values: ``route`` is a route template or
+    ``unmatched``, ``method`` and ``status`` go through :func:`method_label` and
+    :func:`status_label`, ``label`` is one of the model's classes.
+    """
 
     content_type = CONTENT_TYPE_LATEST
 

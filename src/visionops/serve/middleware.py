@@ -15,7 +15,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from visionops.serve.metrics import ServeMetrics
+from visionops.serve.metrics import ServeMetrics, method_label, status_label
 from visionops.serve.schemas import error_body
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class RequestContextMiddleware:
         finally:
             elapsed = time.perf_counter() - start
             route = _route_label(scope)
-            labels = (route, scope["method"], str(status))
+            labels = (route, method_label(scope["method"]), status_label(status))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(elapsed)
             access_log.info(
