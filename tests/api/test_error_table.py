@@ -154,7 +154,7 @@ EXAMPLES: dict[str, list[Case]] = {
         ("POST", "/v1/feedback", _json('{"label": "1"}')),
     ],
 }
-AUTHORIZED = {"headers": {"Authorization": "Bearer test-admin-token"}}
+AUTHORIZED: dict[str, object] = {"headers": {"Authorization": "Bearer test-admin-token"}}
 
 
 @pytest.fixture
