@@ -74,10 +74,21 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _params(params_file: Path, overrides: list[str] | None) -> Any:
+def _params(params_file: Path, overrides: list[str] | None, command: str) -> Any:
+    """The params for ``command``; a ``--set`` of a param it does not read is an error."""
     from visionops.config import load_params
+    from visionops.stages import check_overrides
 
-    return load_params(params_file, overrides or [])
+    params = load_params(params_file, overrides or [])  # unknown keys first: a typo is a typo
+    check_overrides(command, overrides or [])
+    return params
+
+
+def _declared(params: Any, command: str) -> Any:
+    """What ``command``'s core code gets: only the params it declares can be read."""
+    from visionops.stages import declared_view
+
+    return declared_view(params, command)
 
 
 def _layout() -> Any:
@@ -100,9 +111,9 @@ def ingest(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
     from visionops import registry
     from visionops.data.ingest import run_ingest
 
-    params, layout = _params(params_file, set_), _layout()
+    params, layout = _params(params_file, set_, "ingest"), _layout()
     with registry.stage_run("ingest", params, layout) as tracker:
-        result = run_ingest(params, layout)
+        result = run_ingest(_declared(params, "ingest"), layout)
         tracker.log_metrics(result.summary())
     out.print(f"ingested {result.describe()}")
 
@@ -117,7 +128,7 @@ def download(
     """Fetch missing or damaged source files from a mirror and verify their checksums."""
     from visionops.data.sources import download_cifar10, download_mnist
 
-    params = _params(params_file, set_)
+    params = _params(params_file, set_, "download")
     dest = Path(params.data.path)
     if params.data.source == "mnist":
         written = download_mnist(dest, mirror)
@@ -138,9 +149,9 @@ def validate(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) 
     from visionops import registry
     from visionops.data.validate import run_validate
 
-    params, layout = _params(params_file, set_), _layout()
+    params, layout = _params(params_file, set_, "validate"), _layout()
     with registry.stage_run("validate", params, layout) as tracker:
-        report = run_validate(params, layout)
+        report = run_validate(_declared(params, "validate"), layout)
         tracker.log_artifact(layout.reports_dir / "validation.json")
     out.print(f"data valid: {report.describe()}")
 
@@ -152,9 +163,9 @@ def prepare(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -
     from visionops import registry
     from visionops.data.prepare import run_prepare
 
-    params, layout = _params(params_file, set_), _layout()
+    params, layout = _params(params_file, set_, "prepare"), _layout()
     with registry.stage_run("prepare", params, layout) as tracker:
-        result = run_prepare(params, layout)
+        result = run_prepare(_declared(params, "prepare"), layout)
         tracker.log_metrics(result.summary())
     out.print(f"prepared {result.describe()}")
 
@@ -182,13 +193,15 @@ def train(
     from visionops import registry
     from visionops.train import launch_distributed, run_train
 
-    params, layout = _params(params_file, set_), _layout()
+    params, layout = _params(params_file, set_, "train"), _layout()
     nproc = nproc or params.train.nproc
     if nproc > 1:  # rank 0 tracks, prints and writes, as below
         launch_distributed(params_file, set_ or [], model, nproc, resume)
         return
     with registry.stage_run(f"train-{model}", params, layout) as tracker:
-        result = run_train(params, layout, model, resume=resume, on_epoch=tracker.log_metrics)
+        result = run_train(
+            _declared(params, "train"), layout, model, resume=resume, on_epoch=tracker.log_metrics
+        )
         tracker.log_metrics(result.summary())
         tracker.log_artifacts(layout.model_dir(model), "model")
     out.print(f"trained {result.describe()}")
@@ -221,7 +234,7 @@ def tune(
     """Search tune.space with Optuna; write the best params and the report to tuning/."""
     from visionops.tune import run_tune
 
-    params, layout = _params(params_file, set_), _layout()
+    params, layout = _params(params_file, set_, "tune"), _layout()
     result = run_tune(
         params,
         layout,
@@ -247,9 +260,9 @@ def evaluate(
     from visionops import registry
     from visionops.evaluate import run_evaluate
 
-    params, layout = _params(params_file, set_), _layout()
+    params, layout = _params(params_file, set_, "evaluate"), _layout()
     with registry.stage_run(f"evaluate-{model}", params, layout) as tracker:
-        result = run_evaluate(params, layout, model)
+        result = run_evaluate(_declared(params, "evaluate"), layout, model)
         tracker.log_metrics(result.summary())
         tracker.log_artifacts(layout.eval_report_dir(model), "evaluation")
     out.print(f"evaluated {result.describe()}")
@@ -262,9 +275,9 @@ def compare(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -
     from visionops import registry
     from visionops.evaluate import run_compare
 
-    params, layout = _params(params_file, set_), _layout()
+    params, layout = _params(params_file, set_, "compare"), _layout()
     with registry.stage_run("compare", params, layout) as tracker:
-        result = run_compare(params, layout)
+        result = run_compare(_declared(params, "compare"), layout)
         tracker.log_artifact(layout.reports_dir / "models.md")
     out.print(result.describe())
 
@@ -276,9 +289,9 @@ def export(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
     from visionops import registry
     from visionops.export import run_export
 
-    params, layout = _params(params_file, set_), _layout()
+    params, layout = _params(params_file, set_, "export"), _layout()
     with registry.stage_run("export", params, layout) as tracker:
-        result = run_export(params, layout)
+        result = run_export(_declared(params, "export"), layout)
         tracker.log_metrics(result.summary())
     out.print(f"exported {result.describe()}")
 
@@ -289,8 +302,8 @@ def register(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) 
     """Register the exported model in MLflow with alias 'challenger'."""
     from visionops import registry
 
-    params, layout = _params(params_file, set_), _layout()
-    result = registry.run_register(params, layout)
+    params, layout = _params(params_file, set_, "register"), _layout()
+    result = registry.run_register(_declared(params, "register"), layout)
     out.print(f"registered {result.describe()}")
 
 
@@ -300,8 +313,8 @@ def gate(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> N
     """Promote the challenger to 'champion' only if it is not worse (decision in JSON)."""
     from visionops import registry
 
-    params, layout = _params(params_file, set_), _layout()
-    decision = registry.run_gate(params, layout)
+    params, layout = _params(params_file, set_, "gate"), _layout()
+    decision = registry.run_gate(_declared(params, "gate"), layout)
     out.print(decision.describe())
 
 
@@ -318,7 +331,7 @@ def promote(
     """Promote a version to 'champion' (through the gate unless --force)."""
     from visionops import registry
 
-    params, layout = _params(params_file, set_), _layout()
+    params, layout = _params(params_file, set_, "promote"), _layout()
     decision = registry.promote(params, layout, version=version, force=force)
     out.print(decision.describe())
 
@@ -329,7 +342,7 @@ def rollback(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) 
     """Give 'champion' back to the previous champion."""
     from visionops import registry
 
-    params, layout = _params(params_file, set_), _layout()
+    params, layout = _params(params_file, set_, "rollback"), _layout()
     result = registry.rollback(params, layout)
     out.print(result.describe())
 
@@ -352,8 +365,8 @@ def report(
         return  # `visionops report compare ...`: the subcommand does the work
     from visionops.report import run_report
 
-    params, layout = _params(params_file, set_), _layout()
-    result = run_report(params, layout)
+    params, layout = _params(params_file, set_, "report"), _layout()
+    result = run_report(_declared(params, "report"), layout)
     out.print(result.describe())
 
 
@@ -432,7 +445,9 @@ def serve(
 ) -> None:
     """Serve the model over HTTP (FastAPI + ONNX Runtime); web page at /, docs at /docs."""
     from visionops.serve.app import run_server
+    from visionops.stages import check_overrides
 
+    check_overrides("serve", set_ or [])
     run_server(
         model_uri=model_uri, host=host, port=port, params_file=params_file, overrides=set_ or []
     )

@@ -71,21 +71,6 @@ EXPORTED_ARTIFACT = "exported"
 #: McNemar's exact binomial test below this many discordant pairs, chi-square above.
 MCNEMAR_EXACT_BELOW = 25
 
-# Which params each stage depends on (mirrors dvc.yaml); logged on the stage's run.
-_STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "ingest": ("seed", "data", "preprocess"),
-    "validate": ("data.max_class_imbalance",),
-    "prepare": ("seed", "data.limit", "data.test_limit", "data.val_fraction"),
-    "train": ("seed", "train"),
-    "evaluate": ("evaluate",),
-    "compare": ("train.models",),
-    "export": ("gate.parity_atol",),
-    "register": ("registry", "data.source", "data.path"),
-    "gate": ("gate",),
-    "promote": ("gate",),
-}
-
-
 # --------------------------------------------------------------------------- connection
 
 
@@ -171,6 +156,9 @@ def flatten_params(params: Params) -> dict[str, str]:
         else:
             out[prefix] = _param_value(node)
 
+    from visionops.stages import all_params
+
+    params = all_params(params)
     walk("", params.model_dump(mode="json"))
     out["model_name"] = params.model_name()
     return out
@@ -178,7 +166,9 @@ def flatten_params(params: Params) -> dict[str, str]:
 
 def stage_params(stage: str, params: Params) -> dict[str, str]:
     """The flattened params stage ``stage`` (``train-cnn`` counts as ``train``) depends on."""
-    prefixes = _STAGE_PARAMS.get(stage.split("-", 1)[0], ())
+    from visionops.stages import COMMAND_PARAMS
+
+    prefixes = COMMAND_PARAMS.get(stage.split("-", 1)[0], ())
     return {
         k: v
         for k, v in flatten_params(params).items()

@@ -77,8 +77,8 @@ class ReportResult:
         )
 
 
-def _models_in(comparison: dict[str, Any], params: Params) -> list[str]:
-    """The compared models: ``models`` (list or mapping) or the table, else the params."""
+def _models_in(comparison: dict[str, Any], source: Path) -> list[str]:
+    """The compared models: ``models`` (list or mapping) or the table of ``comparison``."""
     models = comparison.get("models")
     if isinstance(models, dict):
         return [str(m) for m in models]
@@ -89,7 +89,7 @@ def _models_in(comparison: dict[str, Any], params: Params) -> list[str]:
         names = [str(r["model"]) for r in table if isinstance(r, dict) and "model" in r]
         if names:
             return names
-    return list(params.train.models)
+    raise DataError(f"{source}: no compared models; run `dvc repro compare`")
 
 
 def _fmt(value: Any) -> str:
@@ -216,7 +216,7 @@ def run_report(params: Params, layout: Layout) -> ReportResult:
     if not isinstance(best, str) or not best:
         raise DataError(f"{layout.comparison_json}: no 'best_model' (got {best!r})")
     rows = []
-    for model in _models_in(comparison, params):
+    for model in _models_in(comparison, layout.comparison_json):
         metrics = read_json(layout.eval_metrics(model), f"visionops evaluate {model}")
         rows.append(ModelRow(model, numeric_metrics(metrics), selected=model == best))
 

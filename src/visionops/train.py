@@ -877,14 +877,19 @@ def _train_tracked(
     params: Params, layout: Layout, model_name: str, resume: bool, ctx: DistContext | None
 ) -> TrainResult:
     """``run_train`` in a tracked MLflow stage run on rank 0 (as ``visionops train``)."""
+    from visionops.stages import declared_view
+
+    declared = declared_view(params, "train")  # only the params the stage declares
     if ctx is not None and not ctx.is_main:
-        return run_train(params, layout, model_name, resume=resume)
+        return run_train(declared, layout, model_name, resume=resume)
     from visionops import registry
 
     with registry.stage_run(f"train-{model_name}", params, layout) as tracker:
         if ctx is not None:
             tracker.set_tags({"visionops.world_size": ctx.world_size})
-        result = run_train(params, layout, model_name, resume=resume, on_epoch=tracker.log_metrics)
+        result = run_train(
+            declared, layout, model_name, resume=resume, on_epoch=tracker.log_metrics
+        )
         tracker.log_metrics(result.summary())
         tracker.log_artifacts(layout.model_dir(model_name), "model")
     return result
@@ -927,7 +932,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from visionops.config import load_params
     from visionops.layout import Layout
 
+    from visionops.stages import check_overrides
+
     try:
+        check_overrides("train", args.overrides)
         params = load_params(args.params, args.overrides)
         layout = Layout.at(Path.cwd())
         device = resolve_device(params.train.device)

@@ -149,14 +149,14 @@ def test_plain_report_command_still_runs_the_pipeline_report(tmp_path: Path, mon
             return "stub report written"
 
     def fake_run_report(params: Any, layout: Any) -> Done:
-        seen["seed"] = params.seed
+        seen["source"] = params.data.source
         return Done()
 
     monkeypatch.setattr(report, "run_report", fake_run_report)
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["report", "--set", "seed=7"])
+    result = runner.invoke(app, ["report", "--set", "data.source=cifar10"])
     assert result.exit_code == 0, result.output
-    assert seen == {"seed": 7}
+    assert seen == {"source": "cifar10"}
     assert "stub report written" in result.output
 
 

@@ -47,6 +47,7 @@ def write_dataset(layout: Layout, n_train: int = 200, n_test: int = 40) -> dict[
             "test_files": None,
             "unreadable": [],
             "checksums": {},
+            "preprocess": {"invert": "auto", "center": True, "digit_box": 20},
         },
     )
     return arrays
@@ -171,3 +172,19 @@ def test_ingested_tensor_equals_serving_tensor(tmp_path: Path) -> None:
         trained = normalize(train["x"][row : row + 1], spec)
         assert served.shape == (1, 1, 28, 28)
         np.testing.assert_array_equal(trained, served)
+
+
+def test_preprocessing_is_the_one_ingest_applied(tmp_path: Path) -> None:
+    """prepare does not read preprocess.*: the model's metadata gets what ingest used."""
+    layout = Layout(tmp_path)
+    write_dataset(layout)
+    meta = json.loads(layout.dataset_json.read_text())
+    meta["preprocess"] = {"invert": "never", "center": False, "digit_box": 18}
+    layout.dataset_json.write_text(json.dumps(meta))
+    run_prepare(Params(), layout)  # Params() says digit_box 20
+    prepared = json.loads(layout.prepared_meta.read_text())
+    assert prepared["preprocess"] == {"invert": "never", "center": False, "digit_box": 18}
+    del meta["preprocess"]
+    layout.dataset_json.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="preprocess"):
+        run_prepare(Params(), layout)

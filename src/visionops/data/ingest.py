@@ -143,6 +143,8 @@ def run_ingest(params: Params, layout: Layout) -> IngestResult:
             "test_files": ds.test_files,
             "unreadable": ds.unreadable,
             "checksums": ds.checksums,
+            # How image files become model inputs; prepare passes it on to the model.
+            "preprocess": params.preprocess.model_dump(mode="json"),
         },
     )
     result = IngestResult(

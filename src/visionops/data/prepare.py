@@ -129,7 +129,11 @@ def run_prepare(params: Params, layout: Layout) -> PrepareResult:
     a = read_npz(layout.dataset_npz, DATASET_KEYS)
     x_train, y_train, x_test, y_test = (a[k] for k in DATASET_KEYS)
     classes = [str(c) for c in meta.get("classes") or []]
-    source = str(meta.get("source", params.data.source))
+    # Source and preprocessing are facts of the ingested data (params of ingest).
+    missing = [k for k in ("source", "preprocess") if k not in meta]
+    if missing:
+        raise DataError(f"{layout.dataset_json}: no {missing}; run `dvc repro ingest`")
+    source = str(meta["source"])
     if x_train.ndim != 4 or x_test.ndim != 4:
         raise DataError(f"{layout.dataset_npz}: images are not (N, H, W, C); run validate")
 
@@ -175,11 +179,7 @@ def run_prepare(params: Params, layout: Layout) -> PrepareResult:
         "n_val": len(val_idx),
         "n_test": len(test_idx),
         "source": source,
-        "preprocess": {
-            "invert": params.preprocess.invert,
-            "center": params.preprocess.center,
-            "digit_box": params.preprocess.digit_box,
-        },
+        "preprocess": meta["preprocess"],
         "seed": params.seed,
         "val_fraction": params.data.val_fraction,
         "limit": params.data.limit,
