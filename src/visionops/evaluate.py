@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from visionops.errors import DataError, ModelError
+from visionops.stages import missing_input
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -430,7 +431,7 @@ def plot_reliability(bins: Sequence[dict[str, float]], ece: float) -> Figure:
 
 def _read_json(path: Path, what: str, fix: str) -> dict[str, Any]:
     if not path.is_file():
-        raise ModelError(f"no {what}: {path} is missing (run `{fix}`)")
+        raise ModelError(f"no {what}: {missing_input(path, fix)}")
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from visionops.errors import DataError, ModelError
+from visionops.stages import missing_input
 
 if TYPE_CHECKING:
     from torch import nn
@@ -83,7 +84,7 @@ class ExportResult:
 def read_json(path: Path, produced_by: str) -> dict[str, Any]:
     """A JSON object from ``path``; a missing or malformed file names itself."""
     if not path.is_file():
-        raise DataError(f"{path} not found: run `{produced_by}` first")
+        raise DataError(missing_input(path, produced_by))
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -98,7 +99,7 @@ def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     from visionops.data.ingest import read_npz
 
     if not path.is_file():
-        raise DataError(f"{path} not found: run `visionops prepare` first")
+        raise DataError(missing_input(path))
     arrays = read_npz(path, ("x", "y"))
     return arrays["x"], arrays["y"].astype(np.int64)
 
@@ -264,7 +265,7 @@ def run_export(params: Params, layout: Layout) -> ExportResult:
     model_dir = layout.model_dir(best)
     for required in (model_dir / "model.pt", model_dir / "config.json"):
         if not required.is_file():
-            raise ModelError(f"{required} not found: run `visionops train {best}` first")
+            raise ModelError(missing_input(required))
     metrics = read_json(layout.eval_metrics(best), f"visionops evaluate {best}")
 
     torch.manual_seed(params.seed)

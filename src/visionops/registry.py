@@ -48,6 +48,7 @@ import numpy as np
 
 from visionops.config import Settings, load_settings
 from visionops.errors import DataError, RegistryError, VisionOpsError
+from visionops.stages import missing_input
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -584,7 +585,7 @@ def _read_exported(folder: Path) -> dict[str, Any]:
     from visionops.export import read_json
 
     if not (folder / MODEL_FILE).is_file():
-        raise DataError(f"{folder / MODEL_FILE} not found: run `visionops export` first")
+        raise DataError(missing_input(folder / MODEL_FILE, "visionops export"))
     metadata = read_json(folder / METADATA_FILE, "visionops export")
     for key in ("classes", "preprocess"):
         if key not in metadata:
@@ -765,7 +766,7 @@ def _registered_model(client: MlflowClient, settings: Settings, name: str) -> An
         if _not_found(exc):
             raise RegistryError(
                 f"no registered model '{name}' in {display_uri(settings.tracking_uri)} "
-                "(run the pipeline, or set MLFLOW_TRACKING_URI to the right store)"
+                "(run the pipeline (`dvc repro`), or set MLFLOW_TRACKING_URI to the right store)"
             ) from None
         raise
 
@@ -804,8 +805,8 @@ def _check_store_exists(settings: Settings) -> None:
         path = Path(uri[len("sqlite:///") :])
         if not path.is_file():
             raise RegistryError(
-                f"MLflow tracking store {path} does not exist: run the pipeline first "
-                "or set MLFLOW_TRACKING_URI"
+                f"MLflow tracking store {path} does not exist: run the pipeline "
+                "(`dvc repro`) first or set MLFLOW_TRACKING_URI"
             )
 
 

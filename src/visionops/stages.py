@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, cast
 
 from pydantic import BaseModel
@@ -51,7 +52,15 @@ STAGE_PARAMS: Mapping[str, tuple[str, ...]] = {
 #: The params of the commands that are not pipeline stages.
 OTHER_COMMAND_PARAMS: Mapping[str, tuple[str, ...]] = {
     "download": ("data.source", "data.path"),
-    "tune": ("seed", "train", "evaluate.batch_size", "tune", "registry", "data.source", "data.path"),
+    "tune": (
+        "seed",
+        "train",
+        "evaluate.batch_size",
+        "tune",
+        "registry",
+        "data.source",
+        "data.path",
+    ),
     "promote": ("gate", "registry", "data.source", "data.path"),
     "rollback": ("registry", "data.source", "data.path"),
     "serve": ("serve", "registry", "data.source", "data.path"),
@@ -197,3 +206,70 @@ def all_params(params: Params) -> Params:
     if isinstance(params, _View):
         return cast(Params, object.__getattribute__(params, "_model"))
     return params
+
+
+# --------------------------------------------------------------------------- outputs
+
+#: What each DVC stage writes (``dvc.yaml``'s outs, metrics and plots; ``{item}`` is the
+#: model of a ``foreach`` stage, named ``train@cnn`` by DVC).
+STAGE_OUTPUTS: Mapping[str, tuple[str, ...]] = {
+    "ingest": ("data/interim",),
+    "validate": ("reports/validation.json",),
+    "prepare": ("data/prepared",),
+    "train": ("models/{item}", "metrics/train/{item}.json", "plots/train/{item}.json"),
+    "evaluate": ("reports/eval/{item}", "metrics/eval/{item}.json", "plots/confusion/{item}.csv"),
+    "compare": ("reports/models.md", "reports/models.png", "metrics/comparison.json"),
+    "export": ("exported",),
+    "register": ("reports/registration.json",),
+    "gate": ("metrics/gate.json",),
+    "report": ("reports/summary.md",),
+}
+
+
+def producing_stage(path: str | Path) -> str | None:
+    """The DVC stage that writes ``path`` (``prepare``, ``train@cnn``), or None.
+
+    ``path`` may be absolute or relative; it matches when it is a stage output or lies
+    inside one (``data/prepared/meta.json`` is prepare's).
+    """
+    parts = Path(path).parts
+    for stage, outputs in STAGE_OUTPUTS.items():
+        for output in outputs:
+            pattern = output.split("/")
+            n = len(pattern)
+            for start in range(len(parts) - n, -1, -1):
+                window = parts[start : start + n]
+                item = _match(pattern, window)
+                if item is not None:
+                    return f"{stage}@{item}" if item else stage
+    return None
+
+
+def _match(pattern: list[str], parts: tuple[str, ...]) -> str | None:
+    """``""`` on a match without ``{item}``, the item on a match with one, else None."""
+    item = ""
+    for want, got in zip(pattern, parts, strict=True):
+        if "{item}" in want:
+            before, after = want.split("{item}")
+            if not (got.startswith(before) and got.endswith(after)) or len(got) <= len(
+                before + after
+            ):
+                return None
+            item = got[len(before) : len(got) - len(after)]
+        elif want != got:
+            return None
+    return item
+
+
+def missing_input(path: str | Path, fallback: str | None = None) -> str:
+    """The message for a missing pipeline output: the one command that makes it.
+
+    ``dvc repro <stage>`` runs the stage and every stage before it that is out of date,
+    so on a fresh clone it is the whole answer. ``fallback`` is the command to name for
+    a path no stage writes.
+    """
+    stage = producing_stage(path)
+    if stage is not None:
+        return f"{path} not found: run `dvc repro {stage}` (it runs the stages before it too)"
+    how = f"`{fallback}`" if fallback else "the pipeline (`dvc repro`)"
+    return f"{path} not found: run {how} first"

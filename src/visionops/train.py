@@ -57,6 +57,7 @@ import numpy as np
 from visionops import distributed
 from visionops.data.ingest import read_npz
 from visionops.errors import ConfigError, DataError, ModelError, VisionOpsError
+from visionops.stages import missing_input
 
 if TYPE_CHECKING:
     import torch
@@ -138,7 +139,7 @@ def read_prepared_meta(layout: Layout) -> dict[str, Any]:
     """``data/prepared/meta.json`` as a dict; a missing file names the stage to run."""
     path = layout.prepared_meta
     if not path.is_file():
-        raise DataError(f"prepared data not found: {path} is missing (run `visionops prepare`)")
+        raise DataError(missing_input(path))
     try:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -153,7 +154,7 @@ def load_split(layout: Layout, split: str, num_classes: int) -> tuple[np.ndarray
     """``(x uint8 NHWC, y int64)`` of a prepared split, checked for shape and label range."""
     path = layout.split_npz(split)
     if not path.is_file():
-        raise DataError(f"prepared data not found: {path} is missing (run `visionops prepare`)")
+        raise DataError(missing_input(path))
     arrays = read_npz(path, ("x", "y"))
     x, y = arrays["x"], arrays["y"]
     if x.dtype != np.uint8 or x.ndim != 4:
@@ -931,7 +932,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from visionops.config import load_params
     from visionops.layout import Layout
-
     from visionops.stages import check_overrides
 
     try:

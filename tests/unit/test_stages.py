@@ -67,13 +67,13 @@ def test_a_read_of_an_undeclared_param_raises() -> None:
     assert reads == {"data.limit", "seed"}
     with pytest.raises(UndeclaredParamError, match=r"prepare` read param 'preprocess'"):
         _ = view.preprocess.digit_box
-    with pytest.raises(UndeclaredParamError, match="data.source"):
+    with pytest.raises(UndeclaredParamError, match=r"data\.source"):
         _ = view.data.source
     with pytest.raises(UndeclaredParamError):
         view.model_dump()
     export = declared_view(Params(), "export", reads)
     assert export.model_name() == "visionops-mnist"  # methods read through the view
-    with pytest.raises(UndeclaredParamError, match="data.image_size"):
+    with pytest.raises(UndeclaredParamError, match=r"data\.image_size"):
         export.data.shape()
 
 
@@ -84,7 +84,7 @@ def test_set_of_a_param_the_command_does_not_read_is_refused() -> None:
         check_overrides("train", ["train.epochs=1", "data.limit=2000"])
     with pytest.raises(ConfigError, match=r"`visionops tune` does not read data\.limit"):
         check_overrides("tune", ["data.limit=2000"])
-    with pytest.raises(ConfigError, match="serve.max_files"):
+    with pytest.raises(ConfigError, match=r"serve\.max_files"):
         check_overrides("evaluate", ["serve.max_files=3"])
     assert readers_of("data.limit") == ["prepare"]
 
@@ -151,3 +151,55 @@ def test_each_stage_reads_exactly_what_it_declares(
             d for d in declared if not any(r == d or r.startswith(d + ".") for r in reads[stage])
         ]
         assert not unread, f"stage {stage} declares {unread} but never reads them"
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_stage_outputs_match_dvc_yaml() -> None:
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    for name, stage in dvc["stages"].items():
+        body = stage.get("do", stage)
+        paths = []
+        for kind in ("outs", "metrics", "plots"):
+            for entry in body.get(kind, []):
+                paths.append(next(iter(entry)) if isinstance(entry, dict) else str(entry))
+        expected = [p.replace("${item}", "{item}") for p in paths]
+        assert sorted(expected) == sorted(stages.STAGE_OUTPUTS[name]), name
+
+
+@pytest.mark.parametrize(
+    ("path", "stage"),
+    [
+        ("data/prepared/meta.json", "prepare"),
+        ("/work/x/data/interim/dataset.npz", "ingest"),
+        ("models/cnn/config.json", "train@cnn"),
+        ("metrics/eval/resnet.json", "evaluate@resnet"),
+        ("exported/model.onnx", "export"),
+        ("metrics/gate.json", "gate"),
+        ("data/raw/mnist/x.gz", None),
+    ],
+)
+def test_producing_stage(path: str, stage: str | None) -> None:
+    assert stages.producing_stage(path) == stage
+
+
+@pytest.mark.parametrize(
+    ("command", "fix"),
+    [
+        (["train", "cnn"], "`dvc repro prepare`"),
+        (["evaluate", "cnn"], "`dvc repro train@cnn`"),
+        (["tune", "--trials", "1"], "`dvc repro prepare`"),
+        (["export"], "`dvc repro compare`"),
+        (["serve", "--port", "1"], "`dvc repro`"),
+    ],
+)
+def test_on_a_fresh_clone_each_command_names_the_one_command_that_makes_its_inputs(
+    command: list[str], fix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = runner.invoke(app, command)
+    assert result.exit_code == 2, result.output
+    assert fix in result.output and "Traceback" not in result.output
+    assert "visionops prepare" not in result.output

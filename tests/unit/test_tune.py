@@ -282,5 +282,5 @@ def test_tune_without_prepared_data_is_one_line_and_no_study(
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["tune", "--trials", "1"])
     assert result.exit_code == 2
-    assert "visionops prepare" in result.output and "Traceback" not in result.output
+    assert "`dvc repro prepare`" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "tuning").exists()

@@ -201,7 +201,7 @@ def test_unreadable_image_fails_validation_naming_the_file(tmp_path: Path) -> No
 
 
 def test_missing_ingest_outputs_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"dataset\.json not found; run the previous stage"):
+    with pytest.raises(DataError, match=r"dataset\.json not found: run `dvc repro ingest`"):
         run_validate(Params(), Layout(tmp_path))
     layout = Layout(tmp_path)
     write_dataset(layout, *balanced())

@@ -27,6 +27,7 @@ from visionops.config import Params
 from visionops.data.sources import load_source
 from visionops.errors import DataError
 from visionops.layout import Layout
+from visionops.stages import missing_input
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
                 raise DataError(f"{path} lacks array(s) {missing} (has {npz.files})")
             return {k: npz[k] for k in keys}
     except FileNotFoundError:
-        raise DataError(f"{path} not found; run the previous stage first") from None
+        raise DataError(missing_input(path)) from None
     except DataError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
@@ -83,7 +84,7 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DataError(f"{path} not found; run the previous stage first") from None
+        raise DataError(missing_input(path)) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path} is not readable JSON ({exc})") from None
     if not isinstance(obj, dict):

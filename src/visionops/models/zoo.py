@@ -24,6 +24,7 @@ from torch import nn
 
 from visionops.errors import ModelError
 from visionops.models.names import MODEL_NAMES
+from visionops.stages import missing_input
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
@@ -205,7 +206,7 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
     """Read and check ``config.json`` of a trained model folder."""
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
-        raise ModelError(f"no trained model in {model_dir}: {path} is missing (run `train` first)")
+        raise ModelError(f"no trained model in {model_dir}: {missing_input(path)}")
     try:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
