@@ -32,24 +32,23 @@ import base64
 import hashlib
 import json
 import logging
-import os
 import re
 import shlex
-import socket
 import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from visionops.config import ChoiceDim, Params, params_from_dict, tunable_kind
 from visionops.errors import ConfigError, ModelError
 from visionops.layout import Layout
+from visionops.study import display_url, join_study, storage_lock
 
 if TYPE_CHECKING:
     import optuna
@@ -196,103 +195,6 @@ def resolve_storage(storage: str | None, layout: Layout) -> str:
     if url:
         return database_url(url)
     return f"sqlite:///{TuningPaths.of(layout).storage_db.resolve()}"
-
-
-def _display_url(url: str) -> str:
-    return re.sub(r"//[^/@]+@", "//***@", url)
-
-
-def _rdb_storage(url: str) -> optuna.storages.RDBStorage:
-    import optuna
-
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Several local workers share the file: wait for its lock instead of failing.
-        engine_kwargs["connect_args"] = {"timeout": 60}
-    else:
-        engine_kwargs["pool_pre_ping"] = True
-    try:
-        with warnings.catch_warnings():  # heartbeats are marked experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            # Heartbeats: a trial of a worker that died is marked FAILED, not RUNNING forever.
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=60, grace_period=300
-            )
-    except Exception as exc:  # SQLAlchemy and driver errors come in many types
-        raise ConfigError(f"cannot open tuning storage {_display_url(url)}: {exc}") from None
-
-
-def _sampler(params: Params, seed: int | None) -> optuna.samplers.BaseSampler:
-    import optuna
-
-    if params.tune.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=params.tune.random_trials, constant_liar=True
-    )
-
-
-def _pruner(params: Params) -> optuna.pruners.BasePruner:
-    import optuna
-
-    tune = params.tune
-    if tune.pruner == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=tune.prune_after_trials, n_warmup_steps=tune.prune_after_epochs
-        )
-    if tune.pruner == "hyperband":
-        max_epochs = _max_epochs(params)
-        return optuna.pruners.HyperbandPruner(
-            min_resource=min(tune.prune_after_epochs, max_epochs), max_resource=max_epochs
-        )
-    return optuna.pruners.NopPruner()
-
-
-def _max_epochs(params: Params) -> int:
-    dim = params.tune.space.get("epochs")
-    if dim is None:
-        return params.train.epochs
-    if isinstance(dim, ChoiceDim):
-        return max(int(c) for c in dim.choices)
-    return int(dim.high)
-
-
-def _sampler_seed(created: bool, trials: Sequence[optuna.trial.FrozenTrial], seed: int) -> int:
-    """``seed`` for a new study and for a sequential continuation (plus the trial count);
-    a fresh seed for a worker joining while others run, so it does not repeat their draws."""
-    from optuna.trial import TrialState
-
-    if created or (trials and not any(t.state == TrialState.RUNNING for t in trials)):
-        return seed + len(trials)
-    noise = hashlib.blake2b(f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}".encode())
-    return int.from_bytes(noise.digest()[:4], "little")
-
-
-def open_study(params: Params, name: str, url: str) -> optuna.Study:
-    """Create the study in the storage, or join it when it exists."""
-    import optuna
-
-    storage = _rdb_storage(url)
-    direction: Literal["maximize", "minimize"] = (
-        "maximize" if params.tune.metric == "val_accuracy" else "minimize"
-    )
-    created = True
-    try:
-        optuna.create_study(storage=storage, study_name=name, direction=direction)
-    except optuna.exceptions.DuplicatedStudyError:
-        created = False
-    existing = optuna.load_study(study_name=name, storage=storage)
-    if existing.direction.name.lower() != direction:
-        raise ConfigError(
-            f"study '{name}' in {_display_url(url)} is to {existing.direction.name.lower()}, "
-            f"but tune.metric={params.tune.metric} needs {direction}: use another --study"
-        )
-    seed = _sampler_seed(created, existing.get_trials(deepcopy=False), params.seed)
-    return optuna.load_study(
-        study_name=name, storage=storage, sampler=_sampler(params, seed), pruner=_pruner(params)
-    )
 
 
 # --------------------------------------------------------------------------- trials
@@ -449,19 +351,20 @@ def run_tune(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = study_name or default_study_name(params)
     url = resolve_storage(storage, layout)
-    study = open_study(params, name, url)
-    log.info("study '%s' in %s: %d trial(s) so far", name, _display_url(url), len(study.trials))
-    if params.tune.enqueue_defaults and not study.trials:
-        study.enqueue_trial(baseline_values(params), {"baseline": True}, skip_if_exists=True)
-    for values in enqueue:
-        study.enqueue_trial(dict(values), skip_if_exists=True)
+    baseline = baseline_values(params) if params.tune.enqueue_defaults else None
+    study = join_study(params, name, url, baseline, enqueue)
+    log.info("study '%s' in %s: %d trial(s) so far", name, display_url(url), len(study.trials))
     threads = params.train.num_threads or max(1, _usable_cores() // n_jobs)
 
-    parent_id = study.user_attrs.get("mlflow_run_id")
-    with registry.tuning_run(name, params, layout, run_id=parent_id) as parent:
-        if parent.run_id != parent_id:
-            study.set_user_attr("mlflow_run_id", parent.run_id)
-        parent.set_tags({"optuna.storage": _display_url(url), "optuna.study": name})
+    with ExitStack() as stack:
+        with storage_lock(url):  # one MLflow parent run per study, whoever comes first
+            parent_id = study.user_attrs.get("mlflow_run_id")
+            parent = stack.enter_context(
+                registry.tuning_run(name, params, layout, run_id=parent_id)
+            )
+            if parent.run_id != parent_id:
+                study.set_user_attr("mlflow_run_id", parent.run_id)
+        parent.set_tags({"optuna.storage": display_url(url), "optuna.study": name})
         with progress_bar() as progress, _quiet("visionops.train"):
             task = progress.add_task(f"tune {name}", total=trials, status="")
             objective = _Objective(params, layout, parent, threads, progress, task)
@@ -524,7 +427,7 @@ def _finish(
         )
     best = study.best_trial
     # The tuned values go into the params *file* as it is on disk: `--set` overrides of the
-    # search (a data slice, fewer epochs) stay out; best.json lists them.
+    # search (fewer epochs, say) stay out; best.json lists them.
     on_disk = _params_on_disk(params_file) or params
     best_params = apply_values(on_disk, best.params)
     searched_with = {
@@ -547,7 +450,7 @@ def _finish(
     exp_command = dvc_exp_command(on_disk, best_params)
     summary = {
         "study": study.study_name,
-        "storage": _display_url(url),
+        "storage": display_url(url),
         "metric": params.tune.metric,
         "direction": study.direction.name.lower(),
         "best_value": best.value,
@@ -572,7 +475,7 @@ def _finish(
     report_files = write_report(study, params, importances, paths)
     return TuneResult(
         study_name=study.study_name,
-        storage=_display_url(url),
+        storage=display_url(url),
         metric=params.tune.metric,
         direction=study.direction.name.lower(),
         best_value=float(best.value) if best.value is not None else float("nan"),

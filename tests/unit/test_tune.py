@@ -119,7 +119,7 @@ def test_storage_comes_from_the_option_then_the_environment(
     monkeypatch.delenv("VISIONOPS_TUNE_STORAGE", raising=False)
     assert resolve_storage(None, layout) == f"sqlite:///{tmp_path.resolve()}/tuning/optuna.db"
     monkeypatch.setenv("VISIONOPS_TUNE_STORAGE", "postgresql://u@db/optuna")
-    assert resolve_storage(None, layout) == "postgresql://u@db/optuna"
+    assert resolve_storage(None, layout) == "postgresql+psycopg://u@db/optuna"  # psycopg 3
     assert resolve_storage("sqlite:///x.db", layout) == "sqlite:///x.db"
 
 
