@@ -2,13 +2,14 @@
 
 ``visionops report compare --base REF`` reads only the small files the DVC pipeline
 writes (``metrics/``, ``plots/``, ``params.yaml``), never models or data, so the base
-needs no retraining: its files come from a git ref (``git show REF:metrics/...``,
-committed by the PR flow with ``git add dvc.lock metrics plots params.yaml``), another
-workspace folder, or a metrics file (``dvc metrics show --json > base.json``).
+needs no retraining: its files (a :class:`~visionops.snapshot.Snapshot`) come from a git
+ref (committed by the PR flow with ``git add dvc.lock metrics plots params.yaml``),
+another workspace folder, or a metrics file (``dvc metrics show --json > base.json``).
 
 The report is Markdown for a PR comment (``cml comment create``): the selected model's
 headline, every metric with base, new and delta marked better or worse by the metric's
-direction, the changed params, the gate's decision, the model comparison table, and
+direction, per-class results, the changed params, the gate's decision, the model
+comparison table (rebuilt from the train and eval metrics with compare's rule), and
 confusion matrices and learning curves side by side, rendered into image files next to
 the report from each side's plot data (so both sides look alike).
 """
@@ -16,48 +17,36 @@ the report from each side's plot data (so both sides look alike).
 from __future__ import annotations
 
 import csv
-import fnmatch
 import io
 import json
 import logging
 import math
 import os
-import subprocess
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from visionops.errors import DataError, VisionOpsError
+from visionops.errors import DataError
 from visionops.layout import Layout
+from visionops.snapshot import (
+    CONFUSION_GLOB,
+    CURVE_GLOB,
+    EVAL_GLOB,
+    GATE_FILE,
+    PER_CLASS_GLOB,
+    TRAIN_GLOB,
+    Snapshot,
+    flatten_numbers,
+    load_base,
+    snapshot_from_directory,
+)
 
 log = logging.getLogger(__name__)
 
 Direction = Literal["higher", "lower"]
 Verdict = Literal["better", "worse", "same", "changed", "added", "removed"]
 
-# The pipeline's file names, relative to a project root: one source of truth (Layout).
-_REL = Layout(Path())
-EVAL_GLOB = _REL.eval_metrics("*").as_posix()  # metrics/eval/*.json
-TRAIN_GLOB = _REL.train_metrics("*").as_posix()  # metrics/train/*.json
-CURVE_GLOB = _REL.learning_curve("*").as_posix()  # plots/train/*.json
-CONFUSION_GLOB = _REL.confusion_csv("*").as_posix()  # plots/confusion/*.csv
-COMPARISON_FILE = _REL.comparison_json.as_posix()  # metrics/comparison.json
-GATE_FILE = _REL.gate_json.as_posix()  # metrics/gate.json
-PARAMS_FILE = "params.yaml"
-REPORT_GLOBS = (
-    EVAL_GLOB,
-    TRAIN_GLOB,
-    CURVE_GLOB,
-    CONFUSION_GLOB,
-    COMPARISON_FILE,
-    GATE_FILE,
-    PARAMS_FILE,
-)
-# Top folders (or files) holding the globs, for `git ls-tree`.
-_GIT_PATHSPECS = sorted({g.split("/", 1)[0] for g in REPORT_GLOBS})
 COMMIT_HINT = "git add dvc.lock metrics plots params.yaml"
 
 _VERDICT_MARK = {
@@ -129,18 +118,6 @@ class MetricDelta:
         return "better" if improved else "worse"
 
 
-def flatten_numbers(obj: Any, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of nested dicts under dotted keys (booleans and lists left out)."""
-    out: dict[str, float] = {}
-    if isinstance(obj, Mapping):
-        for key, value in obj.items():
-            name = f"{prefix}.{key}" if prefix else str(key)
-            out.update(flatten_numbers(value, name))
-    elif isinstance(obj, int | float) and not isinstance(obj, bool) and math.isfinite(obj):
-        out[prefix] = float(obj)
-    return out
-
-
 def flatten_params(obj: Any, prefix: str = "") -> dict[str, Any]:
     """Every leaf of a params mapping under dotted keys (lists are leaves)."""
     out: dict[str, Any] = {}
@@ -153,156 +130,6 @@ def flatten_params(obj: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------- snapshots
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The pipeline's small output files of one side, parsed, by relative POSIX path.
-
-    JSON files hold their parsed value, ``params.yaml`` its mapping, CSV files their text.
-    """
-
-    label: str
-    kind: Literal["git", "directory", "metrics-file"]
-    files: Mapping[str, Any] = field(default_factory=dict)
-
-    def get(self, rel: str) -> Any:
-        return self.files.get(rel)
-
-    def matching(self, pattern: str) -> dict[str, Any]:
-        """``{stem: content}`` of the files matching one of the globs."""
-        return {
-            Path(rel).stem: value
-            for rel, value in sorted(self.files.items())
-            if fnmatch.fnmatchcase(rel, pattern)
-        }
-
-    @property
-    def has_metrics(self) -> bool:
-        return any(rel.startswith("metrics/") for rel in self.files)
-
-    def params(self) -> dict[str, Any] | None:
-        raw = self.files.get(PARAMS_FILE)
-        return raw if isinstance(raw, dict) else None
-
-    def best_model(self) -> str | None:
-        comparison = self.files.get(COMPARISON_FILE)
-        best = comparison.get("best_model") if isinstance(comparison, dict) else None
-        return best if isinstance(best, str) else None
-
-
-def _wanted(rel: str) -> bool:
-    return any(fnmatch.fnmatchcase(rel, g) for g in REPORT_GLOBS)
-
-
-def _parse(rel: str, text: str, where: str) -> Any:
-    try:
-        if rel.endswith(".json"):
-            return json.loads(text)
-        if rel.endswith((".yaml", ".yml")):
-            return yaml.safe_load(text) or {}
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise DataError(f"{where}: {rel} is not readable ({exc})") from None
-    return text
-
-
-def snapshot_from_directory(root: Path, label: str | None = None) -> Snapshot:
-    """The report files of a project folder (this workspace, or another checkout)."""
-    root = Path(root)
-    files: dict[str, Any] = {}
-    for pattern in REPORT_GLOBS:
-        for path in sorted(root.glob(pattern)):
-            if path.is_file():
-                rel = path.relative_to(root).as_posix()
-                files[rel] = _parse(rel, path.read_text(), str(root))
-    return Snapshot(label or str(root), "directory", files)
-
-
-def _git(args: list[str], cwd: Path) -> subprocess.CompletedProcess[bytes]:
-    try:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, check=False)
-    except FileNotFoundError:
-        raise VisionOpsError("git is not installed: cannot read a base ref") from None
-
-
-def snapshot_from_git(ref: str, root: Path) -> Snapshot:
-    """The report files committed at ``ref`` (a branch, tag or commit) of ``root``'s repo."""
-    root = Path(root)
-    verify = _git(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], root)
-    if verify.returncode != 0:
-        raise VisionOpsError(
-            f"base '{ref}' is neither a folder, a metrics file nor a git ref of {root} "
-            "(in CI, fetch it first: actions/checkout with fetch-depth: 0)"
-        )
-    sha = verify.stdout.decode().strip()
-    # Paths in git are relative to the repository top; the project may live below it.
-    prefix = _git(["rev-parse", "--show-prefix"], root).stdout.decode().strip()
-    listing = _git(
-        ["ls-tree", "-r", "-z", "--name-only", "--full-name", sha, "--", *_GIT_PATHSPECS], root
-    )
-    if listing.returncode != 0:
-        raise VisionOpsError(f"git ls-tree {ref} failed: {listing.stderr.decode().strip()}")
-    files: dict[str, Any] = {}
-    for name in listing.stdout.decode().split("\0"):
-        if not name or not name.startswith(prefix):
-            continue
-        rel = name[len(prefix) :]
-        if not _wanted(rel):
-            continue
-        shown = _git(["show", f"{sha}:{name}"], root)
-        if shown.returncode == 0:
-            files[rel] = _parse(rel, shown.stdout.decode(), f"{ref}")
-    return Snapshot(ref, "git", files)
-
-
-def _unwrap_dvc(obj: Any) -> Any:
-    # `dvc metrics show --json` wraps each file's content as {"data": {...}}.
-    if isinstance(obj, dict) and "data" in obj and set(obj) <= {"data", "error"}:
-        return obj["data"]
-    return obj
-
-
-def _looks_like_paths(obj: Mapping[str, Any]) -> bool:
-    return bool(obj) and all(
-        isinstance(k, str) and k.endswith((".json", ".yaml", ".yml", ".csv")) for k in obj
-    )
-
-
-def snapshot_from_metrics_file(path: Path) -> Snapshot:
-    """Base metrics from a JSON file: ``{"metrics/eval/cnn.json": {...}, ...}`` or the
-    output of ``dvc metrics show --json`` (its first revision)."""
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not a readable JSON metrics file ({exc})") from None
-    node: Any = raw
-    for _ in range(3):  # {rev: {"data": {path: {"data": ...}}}} at most
-        if isinstance(node, dict) and _looks_like_paths(node):
-            files = {
-                str(Path(k).as_posix()).removeprefix("./"): _unwrap_dvc(v) for k, v in node.items()
-            }
-            return Snapshot(str(path), "metrics-file", files)
-        if isinstance(node, dict) and node:
-            node = _unwrap_dvc(next(iter(node.values())))
-    raise DataError(
-        f'{path}: expected a mapping of metrics files (e.g. {{"{EVAL_GLOB.replace("*", "cnn")}'
-        '": {...}}) or the output of `dvc metrics show --json`'
-    )
-
-
-def load_base(base: str, root: Path) -> Snapshot:
-    """A folder, a JSON metrics file, or else a git ref of the repository at ``root``."""
-    candidate = Path(base)
-    if not candidate.is_absolute():
-        candidate = root / candidate
-    if candidate.is_dir():
-        return snapshot_from_directory(candidate, label=base)
-    if candidate.is_file():
-        return snapshot_from_metrics_file(candidate)
-    return snapshot_from_git(base, root)
-
-
 # --------------------------------------------------------------------------- comparison
 
 
@@ -312,20 +139,22 @@ def _model_order(base: Snapshot, new: Snapshot) -> list[str]:
     if best:
         names.append(best)
     for snap in (new, base):
-        for pattern in (EVAL_GLOB, TRAIN_GLOB, CURVE_GLOB, CONFUSION_GLOB):
+        for pattern in (EVAL_GLOB, TRAIN_GLOB, CURVE_GLOB, CONFUSION_GLOB, PER_CLASS_GLOB):
             names += [m for m in snap.matching(pattern) if m not in names]
     return names
 
 
 def _gate_numbers(gate: Any) -> dict[str, float]:
-    if not isinstance(gate, dict):
-        return {}
     # Version numbers are identifiers, not metrics.
-    return {
-        k: v
-        for k, v in flatten_numbers({k: v for k, v in gate.items() if k != "checks"}).items()
-        if "version" not in k
-    }
+    return {k: v for k, v in flatten_numbers(gate).items() if "version" not in k}
+
+
+def _per_class(rows: Any) -> dict[str, float]:
+    """``per_class.<class>.<field>`` numbers of a per-class plot file (rows by class)."""
+    if not isinstance(rows, list):
+        return {}
+    by_class = {str(r["class"]): r for r in rows if isinstance(r, dict) and "class" in r}
+    return flatten_numbers({"per_class": by_class})
 
 
 def metric_deltas(base: Snapshot, new: Snapshot) -> list[MetricDelta]:
@@ -339,6 +168,9 @@ def metric_deltas(base: Snapshot, new: Snapshot) -> list[MetricDelta]:
                 continue
             b = flatten_numbers(base_files.get(model) or {})
             n = flatten_numbers(new_files.get(model) or {})
+            if source == "eval":
+                b |= _per_class(base.matching(PER_CLASS_GLOB).get(model))
+                n |= _per_class(new.matching(PER_CLASS_GLOB).get(model))
             for name in list(n) + [k for k in b if k not in n]:
                 rows.append(MetricDelta(source, model, name, b.get(name), n.get(name)))
     b, n = _gate_numbers(base.get(GATE_FILE)), _gate_numbers(new.get(GATE_FILE))
@@ -597,13 +429,9 @@ def _cell(value: Any, percent: bool) -> str:
 
 
 def _comparison_lines(base: Snapshot, new: Snapshot) -> list[str]:
-    tables = {}
-    for side, snap in _sides(base, new):
-        comparison = snap.get(COMPARISON_FILE)
-        models = comparison.get("models") if isinstance(comparison, dict) else None
-        tables[side] = models if isinstance(models, dict) else {}
+    tables = {side: snap.comparison() for side, snap in _sides(base, new)}
     if not tables["base"] and not tables["new"]:
-        return ["No model comparison (`metrics/comparison.json`) on either side."]
+        return ["No model with both train and eval metrics on either side."]
     best = {"base": base.best_model(), "new": new.best_model()}
     header = "| model | " + " | ".join(c[1] for c in _COMPARISON_COLUMNS) + " |"
     lines = [
@@ -705,7 +533,7 @@ def render_markdown(
             f"{_fmt_param(p.new, p.status != 'removed')} |"
             for p in params
         ]
-    lines += ["", "## Promotion gate", "", *_gate_lines(new.get(GATE_FILE), base.get(GATE_FILE))]
+    lines += ["", "## Promotion gate", "", *_gate_lines(new.gate(), base.gate())]
     lines += ["", "## Models", "", *_comparison_lines(base, new), ""]
     lines += ["## Plots", ""]
     if not plots:

@@ -4,9 +4,11 @@
 split with the preprocessing stored *in the model's config* (the one it was trained
 with), and writes:
 
-- ``layout.eval_metrics(name)``: accuracy, macro precision/recall/F1, expected
-  calibration error, negative log-likelihood, and a ``per_class`` table (JSON that
-  ``dvc metrics show`` flattens);
+- ``layout.eval_metrics(name)``: the headline numbers ``dvc metrics show`` lists --
+  accuracy, macro precision/recall/F1, expected calibration error, negative
+  log-likelihood, test images and errors;
+- ``layout.per_class_plot(name)``: precision, recall, F1 and support of every class,
+  one row per class, for ``dvc plots`` (a bar chart of F1);
 - ``layout.confusion_csv(name)``: one ``actual,predicted`` row per test image, with class
   names, for DVC's confusion-matrix template;
 - PNGs in ``layout.eval_report_dir(name)``: ``confusion_matrix.png``,
@@ -246,10 +248,13 @@ def run_evaluate(params: Params, layout: Layout, model_name: str) -> EvalResult:
     m = classification_metrics(y_test, probs, classes, params.evaluate.calibration_bins)
 
     metrics = {k: m[k] for k in ("accuracy", "macro_precision", "macro_recall", "macro_f1")}
-    metrics |= {k: m[k] for k in ("ece", "nll", "n_test", "errors", "per_class")}
+    metrics |= {k: m[k] for k in ("ece", "nll", "n_test", "errors")}
     metrics_path = layout.eval_metrics(model_name)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    per_class = [{"class": c, **row} for c, row in m["per_class"].items()]
+    layout.per_class_plot(model_name).parent.mkdir(parents=True, exist_ok=True)
+    layout.per_class_plot(model_name).write_text(json.dumps(per_class, indent=2) + "\n")
     write_confusion_csv(layout.confusion_csv(model_name), y_test, m["y_pred"], classes)
 
     report_dir = layout.eval_report_dir(model_name)

@@ -63,6 +63,10 @@ class Layout:
     def confusion_csv(self, name: str) -> Path:
         return self.root / "plots" / "confusion" / f"{name}.csv"
 
+    def per_class_plot(self, name: str) -> Path:
+        """per-class rows for `dvc plots` (class, precision, recall, f1, support)."""
+        return self.root / "plots" / "per_class" / f"{name}.json"
+
     def eval_report_dir(self, name: str) -> Path:
         return self.root / "reports" / "eval" / name
 
@@ -73,7 +77,8 @@ class Layout:
     # compare / export / register / gate / report
     @property
     def comparison_json(self) -> Path:
-        return self.root / "metrics" / "comparison.json"
+        """The selected model and the table it was selected from (not a metrics file)."""
+        return self.root / "reports" / "comparison.json"
 
     @property
     def reports_dir(self) -> Path:
@@ -90,7 +95,13 @@ class Layout:
 
     @property
     def gate_json(self) -> Path:
+        """The gate's headline numbers and booleans (a DVC metrics file)."""
         return self.root / "metrics" / "gate.json"
+
+    @property
+    def gate_report(self) -> Path:
+        """The gate's whole decision: model name, reasons, every check's detail."""
+        return self.root / "reports" / "gate.json"
 
     @property
     def state_dir(self) -> Path:

@@ -931,7 +931,11 @@ class GateCheck:
 
 @dataclass
 class GateDecision:
-    """Whether ``champion`` moved to the challenger, and why (``layout.gate_json``)."""
+    """Whether ``champion`` moved to the challenger, and why.
+
+    ``layout.gate_json`` (a DVC metrics file) gets :meth:`headline`, numbers and
+    booleans; ``layout.gate_report`` gets :meth:`to_dict`, the whole decision.
+    """
 
     model_name: str
     challenger_version: str
@@ -979,6 +983,24 @@ class GateDecision:
             "reasons": list(self.reasons),
             "checks": {c.name: c.to_dict() for c in self.checks},
         }
+
+    def headline(self) -> dict[str, Any]:
+        """Numbers and booleans for ``dvc metrics show``: no names, reasons or details."""
+        full = self.to_dict()
+        keys = (
+            "promoted",
+            "forced",
+            "challenger_version",
+            "champion_version_after",
+            "challenger_accuracy",
+            "champion_accuracy",
+            "mcnemar_p_value",
+            "latency_p95_ms",
+            "parity_max_abs_diff",
+        )
+        out = {k: full[k] for k in keys}
+        out["checks_passed"] = {c.name: c.passed for c in self.checks}
+        return out
 
     def summary(self) -> dict[str, float]:
         out = {"promoted": float(self.promoted)}
@@ -1258,11 +1280,15 @@ def run_gate(params: Params, layout: Layout) -> GateDecision:
         _model_version(client, settings, name, version)
         decision = _decide(params, layout, client, settings, name, version)
         _apply(client, decision)
-        layout.gate_json.parent.mkdir(parents=True, exist_ok=True)
-        layout.gate_json.write_text(json.dumps(decision.to_dict(), indent=2) + "\n")
+        for path, content in (
+            (layout.gate_json, decision.headline()),
+            (layout.gate_report, decision.to_dict()),
+        ):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(content, indent=2) + "\n")
         tracker.log_metrics(decision.summary())
         tracker.set_tags(decision.tags())
-        tracker.log_artifact(layout.gate_json)
+        tracker.log_artifact(layout.gate_report)
     return decision
 
 

@@ -177,7 +177,7 @@ def render_summary(
         layout.reports_dir / "models.png",
         *(layout.eval_report_dir(r.model) for r in rows),
         layout.comparison_json,
-        layout.gate_json,
+        layout.gate_report,
         layout.registration_json,
         layout.export_dir / "model.onnx",
         layout.export_dir / "metadata.json",
@@ -211,7 +211,7 @@ def run_report(params: Params, layout: Layout) -> ReportResult:
 
     comparison = read_json(layout.comparison_json, "visionops compare")
     registration = read_json(layout.registration_json, "visionops register")
-    gate = read_json(layout.gate_json, "visionops gate")
+    gate = read_json(layout.gate_report, "visionops gate")
     best = comparison.get("best_model")
     if not isinstance(best, str) or not best:
         raise DataError(f"{layout.comparison_json}: no 'best_model' (got {best!r})")

@@ -217,11 +217,16 @@ STAGE_OUTPUTS: Mapping[str, tuple[str, ...]] = {
     "validate": ("reports/validation.json",),
     "prepare": ("data/prepared",),
     "train": ("models/{item}", "metrics/train/{item}.json", "plots/train/{item}.json"),
-    "evaluate": ("reports/eval/{item}", "metrics/eval/{item}.json", "plots/confusion/{item}.csv"),
-    "compare": ("reports/models.md", "reports/models.png", "metrics/comparison.json"),
+    "evaluate": (
+        "reports/eval/{item}",
+        "metrics/eval/{item}.json",
+        "plots/confusion/{item}.csv",
+        "plots/per_class/{item}.json",
+    ),
+    "compare": ("reports/models.md", "reports/models.png", "reports/comparison.json"),
     "export": ("exported",),
     "register": ("reports/registration.json",),
-    "gate": ("metrics/gate.json",),
+    "gate": ("reports/gate.json", "metrics/gate.json"),
     "report": ("reports/summary.md",),
 }
 

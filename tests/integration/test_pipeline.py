@@ -96,7 +96,7 @@ def first_run(workspace: Path) -> subprocess.CompletedProcess:
 
 
 def test_pipeline_trains_registers_and_promotes(workspace: Path, first_run) -> None:
-    comparison = json.loads((workspace / "metrics" / "comparison.json").read_text())
+    comparison = json.loads((workspace / "reports" / "comparison.json").read_text())
     assert set(comparison["models"]) == {"cnn", "mlp"}
     assert comparison["best_model"] in {"cnn", "mlp"}
     for model in ("cnn", "mlp"):
@@ -276,9 +276,10 @@ def test_bad_params_register_a_challenger_and_keep_the_champion(workspace: Path,
     challenger = client.get_model_version_by_alias("visionops-mnist", "challenger")
     assert str(champion.version) == "1"
     assert str(challenger.version) == "2"
-    gate = json.loads((workspace / "metrics" / "gate.json").read_text())
+    gate = json.loads((workspace / "reports" / "gate.json").read_text())
     assert gate["promoted"] is False
     assert gate["reasons"], gate
+    assert json.loads((workspace / "metrics" / "gate.json").read_text())["promoted"] is False
     assert challenger.tags.get("gate.promoted") in {"false", "False"}
     _write_params(workspace, {})
 

@@ -24,13 +24,11 @@ from typer.testing import CliRunner
 from visionops.cli import app
 from visionops.compare_report import (
     MetricDelta,
-    Snapshot,
     confusion_from_csv,
-    flatten_numbers,
     metric_direction,
     param_changes,
-    snapshot_from_metrics_file,
 )
+from visionops.snapshot import Snapshot, flatten_numbers, snapshot_from_metrics_file
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -117,7 +115,7 @@ def test_dvc_metrics_show_json_is_a_base(tmp_path: Path) -> None:
 
 
 def test_git_base_of_a_project_below_the_repository_top(tmp_path: Path) -> None:
-    from visionops.compare_report import snapshot_from_git
+    from visionops.snapshot import snapshot_from_git
 
     project = tmp_path / "ml" / "digits"
     (project / "metrics" / "eval").mkdir(parents=True)
@@ -232,7 +230,11 @@ def _stages(ws: Path, raw: dict[str, Any], first: bool) -> None:
         "reasons": ["no champion yet"] if first else ["accuracy lower than the champion's"],
         "checks": {"latency": {"passed": True, "value": 0.5, "threshold": 10.0}},
     }
-    layout.gate_json.write_text(json.dumps(gate))
+    # As the gate writes them: headline numbers in metrics/, the decision in reports/.
+    layout.gate_report.parent.mkdir(parents=True, exist_ok=True)
+    layout.gate_report.write_text(json.dumps(gate))
+    headline = {k: v for k, v in gate.items() if k not in {"reasons", "checks"}}
+    layout.gate_json.write_text(json.dumps(headline | {"checks_passed": {"latency": True}}))
 
 
 @pytest.fixture(scope="module")

@@ -162,7 +162,7 @@ def test_first_model_is_promoted_because_there_is_no_champion(
     assert decision.promoted is True
     assert decision.reasons == ["no champion yet"]
     assert _champion(client) == "1"
-    gate = json.loads(layout.gate_json.read_text())
+    gate = json.loads(layout.gate_report.read_text())
     assert gate["promoted"] is True
     assert gate["challenger_version"] == 1
     assert gate["champion_version_before"] is None
@@ -171,6 +171,13 @@ def test_first_model_is_promoted_because_there_is_no_champion(
     assert gate["latency_p95_ms"] > 0
     assert gate["checks"]["onnx_parity"]["passed"] is True
     assert gate["checks"]["latency"]["passed"] is True
+    # The DVC metrics file: numbers and booleans only, no names, reasons or details.
+    headline = json.loads(layout.gate_json.read_text())
+    assert headline["promoted"] is True and headline["challenger_version"] == 1
+    assert headline["checks_passed"] == {c: True for c in ("onnx_parity", "latency")}
+    checks_passed = headline.pop("checks_passed")
+    leaves = [*headline.values(), *checks_passed.values()]
+    assert all(v is None or isinstance(v, bool | int | float) for v in leaves), headline
     mv = client.get_model_version(NAME, "1")
     assert mv.tags["gate.promoted"] == "true"
     assert client.get_run(reg.run_id).data.tags["gate.promoted"] == "true"
@@ -196,7 +203,7 @@ def test_better_challenger_is_promoted(layout: Layout, client: MlflowClient) -> 
     assert decision.champion_accuracy == pytest.approx(1 / 3)
     assert (decision.discordant_champion_only, decision.discordant_challenger_only) == (0, 40)
     assert _champion(client) == "2"
-    gate = json.loads(layout.gate_json.read_text())
+    gate = json.loads(layout.gate_report.read_text())
     assert gate["champion_version_before"] == 1
     assert gate["champion_version_after"] == 2
     assert all(check["passed"] for check in gate["checks"].values())
@@ -214,7 +221,7 @@ def test_worse_challenger_is_not_promoted_and_the_gate_says_why(
     assert decision.promoted is False
     assert _champion(client) == "1"
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "2"
-    gate = json.loads(layout.gate_json.read_text())
+    gate = json.loads(layout.gate_report.read_text())
     assert gate["promoted"] is False
     assert gate["challenger_accuracy"] == pytest.approx(1 / 3)
     assert gate["champion_accuracy"] == 1.0

@@ -349,7 +349,7 @@ def test_report_writes_the_summary_and_ends_the_parent_run(layout: Layout, store
     layout.comparison_json.write_text(json.dumps({"best_model": "cnn", "models": ["mlp", "cnn"]}))
     layout.eval_metrics("mlp").parent.mkdir(parents=True, exist_ok=True)
     layout.eval_metrics("mlp").write_text(json.dumps({"accuracy": 0.9512, "macro_f1": 0.95}))
-    with pytest.raises(DataError, match=r"metrics/gate\.json not found"):
+    with pytest.raises(DataError, match=r"reports/gate\.json not found"):
         run_report(params, layout)
     gate = {
         "promoted": False,
@@ -358,7 +358,7 @@ def test_report_writes_the_summary_and_ends_the_parent_run(layout: Layout, store
         "reasons": ["accuracy 0.9000 is below champion 0.9900 - tolerance 0.001"],
         "checks": {"accuracy": {"passed": False, "value": 0.9, "threshold": 0.989}},
     }
-    layout.gate_json.write_text(json.dumps(gate))
+    layout.gate_report.write_text(json.dumps(gate))
     with pytest.raises(DataError, match=r"metrics/eval/cnn\.json not found"):
         run_report(params, layout)
     layout.eval_metrics("cnn").write_text(json.dumps({"accuracy": 0.9876, "macro_f1": 0.98}))
