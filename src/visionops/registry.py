@@ -985,7 +985,7 @@ class GateDecision:
         }
 
     def headline(self) -> dict[str, Any]:
-        """Numbers and booleans for ``dvc metrics show``: no names, reasons or details."""
+        """Numbers and booleans for ``dvc metrics show``: no names, reasons or checks."""
         full = self.to_dict()
         keys = (
             "promoted",
@@ -998,9 +998,7 @@ class GateDecision:
             "latency_p95_ms",
             "parity_max_abs_diff",
         )
-        out = {k: full[k] for k in keys}
-        out["checks_passed"] = {c.name: c.passed for c in self.checks}
-        return out
+        return {k: full[k] for k in keys}
 
     def summary(self) -> dict[str, float]:
         out = {"promoted": float(self.promoted)}

@@ -174,10 +174,7 @@ def test_first_model_is_promoted_because_there_is_no_champion(
     # The DVC metrics file: numbers and booleans only, no names, reasons or details.
     headline = json.loads(layout.gate_json.read_text())
     assert headline["promoted"] is True and headline["challenger_version"] == 1
-    assert headline["checks_passed"] == {c: True for c in ("onnx_parity", "latency")}
-    checks_passed = headline.pop("checks_passed")
-    leaves = [*headline.values(), *checks_passed.values()]
-    assert all(v is None or isinstance(v, bool | int | float) for v in leaves), headline
+    assert all(v is None or isinstance(v, bool | int | float) for v in headline.values())
     mv = client.get_model_version(NAME, "1")
     assert mv.tags["gate.promoted"] == "true"
     assert client.get_run(reg.run_id).data.tags["gate.promoted"] == "true"
