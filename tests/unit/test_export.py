@@ -55,6 +55,7 @@ def _workspace(root: Path, best: str = "mlp") -> Layout:
     layout.eval_metrics(best).parent.mkdir(parents=True)
     metrics = {"accuracy": 0.875, "macro_f1": 0.75, "per_class": {"a": 0.9}, "ok": True}
     layout.eval_metrics(best).write_text(json.dumps(metrics))
+    layout.comparison_json.parent.mkdir(parents=True, exist_ok=True)
     layout.comparison_json.write_text(json.dumps({"best_model": best, "models": [best]}))
     return layout
 
