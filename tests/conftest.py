@@ -41,9 +41,12 @@ def _unavailable(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL server (VISIONOPS_TEST_POSTGRES_URL to use an existing one)."""
+    """A throwaway PostgreSQL server (VISIONOPS_TEST_POSTGRES_URL to use an existing one),
+    as a ``postgresql+psycopg://`` URL (psycopg 3, the driver the project installs)."""
+    from visionops.config import database_url
+
     if url := os.environ.get("VISIONOPS_TEST_POSTGRES_URL"):
-        yield url
+        yield database_url(url)  # postgresql:// would mean psycopg2, which is not installed
         return
     bindir = _pg_bin()
     if bindir is None or not (bindir / "pg_ctl").exists():
