@@ -278,9 +278,7 @@ def center_digit(
         fitted = crop
     else:
         img = Image.fromarray(np.ascontiguousarray(crop, dtype=np.float32), mode="F")
-        fitted = np.asarray(
-            img.resize((new_w, new_h), resample), dtype=np.float32
-        )
+        fitted = np.asarray(img.resize((new_w, new_h), resample), dtype=np.float32)
     fitted = np.clip(fitted, 0.0, 255.0)
     top, left = (image_size - new_h) // 2, (image_size - new_w) // 2
     canvas[top : top + new_h, left : left + new_w] = fitted
@@ -448,9 +446,7 @@ def _fill_outline(ink: np.ndarray, side: int) -> np.ndarray:
     areas = np.asarray(ndi.sum(holes, labels, idx), dtype=np.float64)
     line = stroke_width(ink)
     fill = (
-        (widest < OUTLINE_HOLE_SHARE * side)
-        & (widest >= 4.0 * line)
-        & (areas >= 2.5 * widest**2)
+        (widest < OUTLINE_HOLE_SHARE * side) & (widest >= 4.0 * line) & (areas >= 2.5 * widest**2)
     )
     if not fill.any():
         return ink
@@ -496,7 +492,8 @@ def digit_to_mnist(img: Image.Image, image_size: int, digit_box: int, invert: st
         return center_digit(gray, image_size, digit_box)  # fast path: MNIST-like already
 
     scale = min(1.0, WORK_SIDE / max(h, w))
-    work = gray if scale == 1.0 else _resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))))
+    work_size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    work = gray if scale == 1.0 else _resize(gray, work_size)
     found = _find_digit(work)
     if found is None:
         return np.zeros((image_size, image_size), dtype=np.float32)
