@@ -7,8 +7,7 @@ switches them all off):
 - **geometry** — rotation (``max_rotate`` degrees), shear (``max_shear`` degrees) and
   scale (``1 ± max_scale``) about the centre, one ``affine_grid`` + ``grid_sample``;
 - **stroke thickness** — a share ``thickness`` of the images is thickened or thinned
-  (half each) by a random fraction of a 3×3 grey dilation (0–2 px) or of half an
-  erosion (0–1 px);
+  (half each) by up to half a 3×3 grey dilation or erosion (0–1 px);
 - **blur** — a share ``blur`` is smoothed by a Gaussian of σ in [0.5, 1.0] px (one
   grouped convolution);
 - **contrast** — the ink is scaled by a factor in ``[1 - contrast, 1]``;
@@ -41,7 +40,7 @@ class AugmentDraw:
     angle: torch.Tensor  # radians
     shear: torch.Tensor  # radians
     scale: torch.Tensor  # zoom factor
-    thickness: torch.Tensor  # in [-0.5, 1]: < 0 thins, > 0 thickens, 0 leaves alone
+    thickness: torch.Tensor  # in [-0.5, 0.5]: < 0 thins, > 0 thickens, 0 leaves alone
     blur_sigma: torch.Tensor  # pixels; 0 = no blur
     contrast: torch.Tensor  # ink factor
     background: torch.Tensor  # background level in ink units
@@ -81,12 +80,13 @@ def draw_augmentation(n: int, tp: TrainParams, generator: torch.Generator) -> Au
     amount = uniform(0.0, 1.0)
     pick = torch.rand(n, generator=generator)
     # pick < thickness/2: thin; thickness/2 <= pick < thickness: thicken; else nothing.
-    # Thinning goes at most half way to a 3x3 erosion, which would erase MNIST's thinnest
-    # strokes.
+    # At most half way to a 3x3 erosion or dilation (±1 px): a full erosion would erase
+    # MNIST's thinnest strokes, and the preprocessing already brings widths into
+    # MNIST's range.
     thickness = torch.where(
         pick < tp.thickness / 2,
         -0.5 * amount,
-        torch.where(pick < tp.thickness, amount, torch.zeros_like(amount)),
+        torch.where(pick < tp.thickness, 0.5 * amount, torch.zeros_like(amount)),
     )
     blur_pick = torch.rand(n, generator=generator)
     sigma = torch.where(blur_pick < tp.blur, uniform(0.5, 1.0), torch.zeros(n))

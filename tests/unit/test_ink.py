@@ -187,6 +187,17 @@ def test_ruled_paper_lines_are_removed_and_the_digit_kept() -> None:
     assert correlation(a, model_input(clean)) > 0.9
 
 
+def test_straight_stem_of_a_nine_is_a_stroke_not_a_ruled_line() -> None:
+    img = Image.new("L", (120, 200), 235)
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((30, 15, 85, 70), outline=30, width=6)
+    draw.line([(82, 40), (82, 190)], fill=30, width=6)  # straight, over half the height
+    a = model_input(img)
+    assert_mnist_like(a)
+    height, width = box_size(a)
+    assert height == 20 and width <= 12  # the stem is still there: tall and narrow
+
+
 def test_specks_and_paper_edges_do_not_stretch_the_box() -> None:
     img = Image.new("L", (500, 400), 235)
     draw = ImageDraw.Draw(img)
@@ -205,6 +216,17 @@ def test_specks_and_paper_edges_do_not_stretch_the_box() -> None:
 def test_blank_images_give_an_empty_canvas(fill: int) -> None:
     a = model_input(Image.new("L", (300, 200), fill))
     assert a.max() == 0
+
+
+def test_light_gradients_and_empty_ruled_paper_hold_no_ink() -> None:
+    ramp = np.linspace(0.0, 255.0, 320)[None, :].repeat(240, axis=0)
+    assert model_input(Image.fromarray(ramp.astype(np.uint8), mode="L")).max() == 0
+    paper = Image.new("RGB", (400, 500), (250, 250, 245))
+    draw = ImageDraw.Draw(paper)
+    for y in range(30, 500, 30):
+        draw.line([(0, y), (400, y)], fill=(150, 170, 220), width=2)
+    draw.line([(50, 0), (50, 500)], fill=(220, 120, 120), width=2)
+    assert model_input(paper).max() == 0
 
 
 def test_mnist_like_upload_passes_unchanged() -> None:
