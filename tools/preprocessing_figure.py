@@ -103,8 +103,7 @@ def main() -> None:
     cap = 34
     sheet = Image.new("RGB", (len(items) * (TILE + 10) + 10, 2 * TILE + 3 * cap), "white")
     d = ImageDraw.Draw(sheet)
-    d.text((10, 6), "upload", fill=(0, 0, 0))
-    d.text((10, TILE + cap + 6), "what the model sees (28 x 28)", fill=(0, 0, 0))
+    d.text((10, 6), "top: the upload; bottom: what the model sees (28 x 28)", fill=(0, 0, 0))
     for i, (label, img) in enumerate(items):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
