@@ -306,7 +306,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "model": {"uri": args.model_uri, "version": ref.version, "arch": meta.get("architecture")},
         "real_digits": {
-            "data": str(args.data),
+            "data": os.path.relpath(args.data, REPO),
             "images": len(digits),
             "right": right,
             "accuracy": right / len(digits) if digits else None,

@@ -139,7 +139,7 @@ def _border(a: np.ndarray) -> np.ndarray:
 def is_dark_on_light(gray: np.ndarray) -> bool:
     """Whether the ink is dark: the sparse tail of the grey levels is the dark one.
 
-    A clean black or white frame decides at once. Otherwise the image (at ≤ 48 px) minus
+    A clean black or white frame decides at once. Otherwise the image (at ≤ 32 px) minus
     its median-filtered copy leaves the ink and the noise; the ink is the side with more
     mass beyond three robust standard deviations, whatever the illumination does. A flat
     image falls back to its border: a light border means paper.
@@ -154,7 +154,7 @@ def is_dark_on_light(gray: np.ndarray) -> bool:
     if np.count_nonzero(border < 255.0 - _CLEAN_LEVEL) <= 0.1 * border.size:
         return True
     h, w = g.shape
-    k = max(1, math.ceil(max(h, w) / 48))
+    k = max(1, math.ceil(max(h, w) / 32))
     small = _resize(g, (max(1, math.ceil(w / k)), max(1, math.ceil(h / k))))
     residual = small - ndi.median_filter(small, size=max(3, (max(small.shape) // 4) | 1))
     sigma = 1.4826 * float(np.median(np.abs(residual - np.median(residual))))
@@ -329,8 +329,10 @@ def _ink_threshold(ink: np.ndarray) -> tuple[float, float]:
     The floor is 4 robust standard deviations above the residual's median (at least 4
     grey levels); the threshold half of Otsu's threshold over the pixels above it.
     """
-    median = float(np.median(ink))
-    sigma = 1.4826 * float(np.median(np.abs(ink - median)))
+    # Robust statistics on every other pixel: the same numbers at a quarter of the cost.
+    sample = ink[::2, ::2] if ink.size > 4096 else ink
+    median = float(np.median(sample))
+    sigma = 1.4826 * float(np.median(np.abs(sample - median)))
     floor = median + max(4.0 * sigma, 4.0)
     candidates = ink[ink > floor]
     if candidates.size == 0:
@@ -449,11 +451,12 @@ def _find_digit(gray: np.ndarray) -> _Found | None:
     # Group strokes across small gaps (a broken pen line is one digit), then measure
     # each group by its own ink.
     gap = max(1, round(0.015 * max(h, w)))
-    grouped, n = ndi.label(ndi.binary_dilation(mask, iterations=gap), np.ones((3, 3), bool))
+    near = ndi.maximum_filter(mask.view(np.uint8), size=2 * gap + 1).astype(bool)
+    grouped, n = ndi.label(near, np.ones((3, 3), bool))
     if n == 0:
         return None
     idx = np.arange(1, n + 1)
-    areas = np.asarray(ndi.sum(mask, grouped, idx), dtype=np.float64)
+    areas = np.bincount(grouped.ravel(), weights=mask.ravel(), minlength=n + 1)[1:]
     boxes = ndi.find_objects(grouped)
     keep_labels = []
     for label, area, sl in zip(idx, areas, boxes, strict=True):
