@@ -212,6 +212,21 @@ def test_specks_and_paper_edges_do_not_stretch_the_box() -> None:
     assert correlation(a, model_input(clean)) > 0.9
 
 
+def test_table_around_the_sheet_is_background() -> None:
+    rng = np.random.default_rng(1)
+    photo = np.full((400, 500), 45.0)  # a dark table
+    photo[20:390, 10:330] = 225.0  # the sheet, on the left two thirds
+    photo += rng.normal(0.0, 4.0, photo.shape)
+    ink = Image.new("L", (500, 400), 0)
+    draw_digit(ink, SEVEN, (110, 90, 230, 290), 9, 255)
+    photo -= (photo - 30.0) * 0.8 * np.asarray(ink, dtype=np.float64) / 255.0
+    a = model_input(Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8), mode="L"))
+    assert_mnist_like(a)
+    clean = Image.new("L", (500, 400), 255)
+    draw_digit(clean, SEVEN, (110, 90, 230, 290), 9, 0)
+    assert correlation(a, model_input(clean)) > 0.9
+
+
 @pytest.mark.parametrize("fill", [0, 255, 128])
 def test_blank_images_give_an_empty_canvas(fill: int) -> None:
     a = model_input(Image.new("L", (300, 200), fill))

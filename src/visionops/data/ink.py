@@ -366,7 +366,7 @@ def _background(gray: np.ndarray) -> np.ndarray:
         areas = np.bincount(labels.ravel())[1:]
         mask = np.isin(labels, 1 + np.flatnonzero(areas >= SPECK_SHARE * areas.max()))
     width = stroke_width(mask.astype(np.float32))
-    size = int(np.clip(round(4.0 * width) | 1, 5, max(5, (max(h, w) // 4) | 1)))
+    size = int(np.clip(round(4.0 * width) | 1, 5, max(5, (max(h, w) // 2) | 1)))
     # Point reflection at the frame continues light gradients straight on, so a ramp
     # reaching the frame is no ridge for the opening to cut (and no ink).
     pad = size // 2 + 1
@@ -439,7 +439,10 @@ def _find_digit(gray: np.ndarray) -> _Found | None:
     bg = _background(gray)
     ink = np.clip(gray - bg, 0.0, None)
     floor, threshold = _ink_threshold(ink)
-    if float(ink.max()) - floor < _MIN_CONTRAST:
+    # Ink stands out: by a tenth of the image's own range at least (the residue a light
+    # gradient leaves at its extremes does not).
+    lo, hi = np.percentile(gray[:: max(1, h // 128), :: max(1, w // 128)], [1, 99])
+    if float(ink.max()) - floor < max(_MIN_CONTRAST, 0.1 * float(hi - lo)):
         return None
     mask = ink > threshold
     if not mask.any():
@@ -457,19 +460,22 @@ def _find_digit(gray: np.ndarray) -> _Found | None:
         return None
     idx = np.arange(1, n + 1)
     areas = np.bincount(grouped.ravel(), weights=mask.ravel(), minlength=n + 1)[1:]
+    # Paper edges, the table around the sheet, shadow lines along the frame: groups that
+    # touch the frame and have most of their ink in a band along it.
+    t = max(2, round(0.08 * min(h, w)))
+    band = np.zeros_like(mask)
+    band[:t], band[-t:], band[:, :t], band[:, -t:] = True, True, True, True
+    in_band = np.bincount(grouped.ravel(), weights=(mask & band).ravel(), minlength=n + 1)[1:]
     boxes = ndi.find_objects(grouped)
-    keep_labels = []
-    for label, area, sl in zip(idx, areas, boxes, strict=True):
-        if sl is None or area < SPECK_SHARE * areas.max():
-            continue
-        bh, bw = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
-        on_border = sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == h or sl[1].stop == w
-        if on_border and min(bh, bw) < 0.1 * max(bh, bw) and max(bh, bw) > 0.5 * min(h, w):
-            continue  # a paper edge or a shadow line along the frame
-        keep_labels.append(int(label))
-    if not keep_labels:
-        # Only border lines: keep the largest group rather than nothing.
-        keep_labels = [int(idx[int(np.argmax(areas))])]
+    on_border = np.array(
+        [sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == h or sl[1].stop == w
+         for sl in boxes]
+    )  # fmt: skip
+    edge = on_border & (in_band >= 0.6 * np.maximum(areas, 1.0))
+    if edge.all():
+        return None  # nothing but the frame's edges: no digit
+    areas = np.where(edge, 0.0, areas)
+    keep_labels = [int(i) for i in idx[areas >= max(SPECK_SHARE * areas.max(), 1.0)]]
     keep = np.isin(grouped, keep_labels)
     rows = np.flatnonzero((keep & mask).any(axis=1))
     cols = np.flatnonzero((keep & mask).any(axis=0))
