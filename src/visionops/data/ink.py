@@ -281,6 +281,9 @@ def center_digit(
         img = Image.fromarray(np.ascontiguousarray(crop, dtype=np.float32), mode="F")
         fitted = np.asarray(img.resize((new_w, new_h), resample), dtype=np.float32)
     fitted = np.clip(fitted, 0.0, 255.0)
+    top_ink = float(fitted.max())
+    if 0.0 < top_ink < 255.0:
+        fitted *= 255.0 / top_ink  # the strongest stroke is full ink at the final size too
     top, left = (image_size - new_h) // 2, (image_size - new_w) // 2
     canvas[top : top + new_h, left : left + new_w] = fitted
 
@@ -375,28 +378,37 @@ def _background(gray: np.ndarray) -> np.ndarray:
     return opened[pad:-pad, pad:-pad].astype(np.float32)
 
 
-def _remove_ruled_lines(mask: np.ndarray, ink: np.ndarray, threshold: float) -> np.ndarray:
+def _remove_ruled_lines(
+    mask: np.ndarray, ink: np.ndarray, threshold: float, floor: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Drop ruled lines and margins from the ink ``mask``; ``ink`` is edited in place.
 
-    A line is a straight run over half the image (an opening with a one-pixel-wide line).
+    A line is a straight run over half the image (an opening with a one-pixel-wide line)
+    of the ink above ``floor`` (half the mask ``threshold``: faint printed lines often
+    dip below the threshold in places), with gaps of up to four pixels bridged first.
     It is removed when it spans the page (≥ 90 % of the side, at most 5 % as thick as
     long) or when it goes on past the rest of the ink at both ends (by a fifth of the
     rest's extent; a stroke of the digit ends at the digit). Removed lines are zeroed
-    and the strokes that crossed them are closed again across the gap. Returns the new
-    mask (``ink > threshold`` where the lines were).
+    (ink much stronger than the line's own stays) and the strokes that crossed them are
+    closed again across the gap. Returns the new
+    mask (``ink > threshold`` where the lines were) and the pixels cut away (the lines
+    less the stroke crossings), which the full-resolution re-read must leave out too.
     """
     from scipy import ndimage as ndi
 
-    m8 = mask.astype(np.uint8)
+    faint = (ink > floor).view(np.uint8)
+    cut = np.zeros_like(mask)
     for axis in (1, 0):  # horizontal lines run along axis 1, vertical ones along axis 0
         side = mask.shape[axis]
         length = side // 2
         if length < 8:
             continue
-        # Opening with a 1 x length line (van Herk min/max filters, linear time).
+        # Bridge small gaps along the axis, then open with a 1 x length line (van Herk
+        # min/max filters, linear time).
+        bridged = ndi.minimum_filter1d(ndi.maximum_filter1d(faint, 5, axis=axis), 5, axis=axis)
         line = ndi.maximum_filter1d(
-            ndi.minimum_filter1d(m8, length, axis=axis), length, axis=axis
-        ).astype(bool)
+            ndi.minimum_filter1d(bridged, length, axis=axis), length, axis=axis
+        ).astype(bool) & (faint > 0)
         if not line.any():
             continue
         labels, _ = ndi.label(line)
@@ -420,15 +432,19 @@ def _remove_ruled_lines(mask: np.ndarray, ink: np.ndarray, threshold: float) -> 
                         remove |= labels == i + 1
         if not remove.any():
             continue
-        band = ndi.binary_dilation(remove, iterations=1)
-        gap = int(thick.max()) + 4
-        ink[band] = 0.0
+        band = ndi.binary_dilation(remove, iterations=2)  # with the JPEG halo
+        gap = int(thick.max()) + 7  # the band (line + 2 px each side) and one more
+        # Ink clearly stronger than the line's own (a pen stroke along or across it)
+        # stays; the rest of the band goes.
+        line_level = float(np.percentile(ink[remove], 95))
+        ink[band & (ink <= 1.5 * line_level)] = 0.0
         # Strokes cut by the line: a closing across the line bridges them again.
         closed = ndi.grey_closing(ink, size=(gap, 1) if axis == 1 else (1, gap))
         ink[band] = closed[band]
         mask = (mask & ~band) | (band & (ink > threshold))
-        m8 = mask.astype(np.uint8)
-    return mask
+        cut |= band & ~(ink > threshold)
+        faint = (ink > floor).view(np.uint8)
+    return mask, cut
 
 
 def _find_digit(gray: np.ndarray) -> _Found | None:
@@ -447,7 +463,7 @@ def _find_digit(gray: np.ndarray) -> _Found | None:
     mask = ink > threshold
     if not mask.any():
         return None
-    mask = _remove_ruled_lines(mask, ink, threshold)
+    mask, cut = _remove_ruled_lines(mask, ink, threshold, max(floor, 0.5 * threshold))
     if not mask.any():
         return None
 
@@ -476,7 +492,7 @@ def _find_digit(gray: np.ndarray) -> _Found | None:
         return None  # nothing but the frame's edges: no digit
     areas = np.where(edge, 0.0, areas)
     keep_labels = [int(i) for i in idx[areas >= max(SPECK_SHARE * areas.max(), 1.0)]]
-    keep = np.isin(grouped, keep_labels)
+    keep = np.isin(grouped, keep_labels) & ~cut
     rows = np.flatnonzero((keep & mask).any(axis=1))
     cols = np.flatnonzero((keep & mask).any(axis=0))
     if rows.size == 0:
@@ -608,6 +624,9 @@ def digit_to_mnist(img: Image.Image, image_size: int, digit_box: int, invert: st
         return np.zeros((image_size, image_size), dtype=np.float32)
     strong = float(np.percentile(ink[ink > 0.25 * peak], 90))
     ink = np.clip(ink / max(strong, 1e-6), 0.0, 1.0)
+    # JPEG ringing and paper grain around the strokes: faint, but they add perimeter and
+    # would make the strokes read thinner than they are.
+    ink[ink < 0.15] = 0.0
     # Room for strokes that grow past the box when thickened.
     pad = side // 8
     ink = np.pad(ink, pad)
