@@ -45,6 +45,7 @@ bench: run ## Benchmarks beside reference systems; writes benchmarks/results/
 	$(BIN)/python benchmarks/bench_serve.py
 	$(BIN)/python benchmarks/bench_drift.py
 	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_real.py
 
 docs: setup-dev ## Build the documentation site into site/ (mkdocs build --strict)
 	$(BIN)/mkdocs build --strict

@@ -70,6 +70,19 @@ class TrainParams(StrictModel):
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     augment: bool = True
     max_shift: int = Field(default=2, ge=0, description="random translation in pixels")
+    max_rotate: float = Field(default=8.0, ge=0.0, le=90.0, description="rotation, degrees")
+    max_shear: float = Field(default=8.0, ge=0.0, le=45.0, description="shear, degrees")
+    max_scale: float = Field(default=0.1, ge=0.0, lt=1.0, description="zoom in 1 ± max_scale")
+    thickness: float = Field(
+        default=0.4, ge=0.0, le=1.0, description="share of images thickened or thinned"
+    )
+    blur: float = Field(default=0.2, ge=0.0, le=1.0, description="share of images blurred")
+    contrast: float = Field(
+        default=0.2, ge=0.0, lt=1.0, description="ink scaled by [1 - contrast, 1]"
+    )
+    background: float = Field(
+        default=0.05, ge=0.0, lt=1.0, description="background raised to [0, background]"
+    )
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     width: int = Field(default=32, ge=4, description="base channel/hidden width of the zoo")
     patience: int = Field(default=3, ge=1, description="early stopping on val accuracy")

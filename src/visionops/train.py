@@ -6,7 +6,9 @@
   function serving uses) into one float tensor held in memory; batches are index slices
   of it, so there is no per-sample Python and no DataLoader.
 - Augmentation (``train.augment``) is a random translation of up to ``train.max_shift``
-  pixels per image, done for a whole batch with two ``gather`` calls.
+  pixels per image, done for a whole batch with two ``gather`` calls, then what users'
+  photos and drawings vary in (:mod:`visionops.augment`: rotation, shear, scale, stroke
+  thickness, blur, contrast, background level), also whole-batch tensor operations.
 - AdamW with a OneCycle learning-rate schedule stepped every batch, label smoothing,
   validation after every epoch, early stopping on validation accuracy
   (``train.patience``) keeping the best weights.
@@ -54,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from visionops import distributed
+from visionops import augment, distributed
 from visionops.data.ingest import read_npz
 from visionops.errors import ConfigError, DataError, ModelError, VisionOpsError
 from visionops.stages import missing_input
@@ -619,6 +621,8 @@ def _train(
     # The value of a black pixel after normalisation: what a shift uncovers.
     fill = -torch.tensor(spec.mean) / torch.tensor(spec.std)
     fill = fill.expand(spec.channels).clone()
+    mean = torch.tensor(spec.mean).expand(spec.channels)
+    std = torch.tensor(spec.std).expand(spec.channels)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -673,13 +677,21 @@ def _train(
                         if tp.augment and tp.max_shift > 0
                         else None
                     )
+                    draws = (
+                        augment.draw_augmentation(n_global, tp, generator)
+                        if augment.is_enabled(tp)
+                        else None
+                    )
                     if world > 1:
                         lo, hi = distributed.shard_bounds(n_global, rank, world)
                         idx = idx[lo:hi]
                         offsets = offsets[:, lo:hi] if offsets is not None else None
+                        draws = draws.rows(lo, hi) if draws is not None else None
                     xb, yb = x_train[idx], y_train[idx]
                     if offsets is not None:
                         xb = shift_batch(xb, tp.max_shift, fill, generator, offsets)
+                    if draws is not None:
+                        xb = augment.augment_batch(xb, draws, mean, std)
                     if channels_last:
                         xb = xb.contiguous(memory_format=torch.channels_last)
                     with torch.autocast(
@@ -818,6 +830,7 @@ def _write_outputs(
         "num_classes": len(classes),
         "width": tp.width,
         "dropout": tp.dropout,
+        "augmentation": augment.describe(tp),
         "classes": classes,
         "preprocess": spec.to_dict(),
         "best_epoch": result.best_epoch,

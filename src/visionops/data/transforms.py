@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from visionops.data.ink import digit_to_mnist, has_alpha, is_dark_on_light
 from visionops.errors import DataError
 
 if TYPE_CHECKING:
@@ -45,12 +46,6 @@ log = logging.getLogger(__name__)
 #: Formats :func:`decode_image` will open; everything else is refused unread.
 ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
 INVERT_MODES = ("auto", "always", "never")
-
-# Pixels above this (on the 0..255 scale, background removed) count as ink when the
-# bounding box is searched; fainter anti-aliasing noise does not stretch the box.
-_INK_THRESHOLD = 0.1 * 255
-# Below this contrast between border and brightest pixel an image is treated as blank.
-_MIN_CONTRAST = 8.0
 
 
 class UnreadableImageError(DataError):
@@ -237,79 +232,12 @@ def _to_l_or_rgb(img: Image.Image, channels: int) -> Image.Image:
     return img if img.mode == target else img.convert(target)
 
 
-def _border(a: np.ndarray) -> np.ndarray:
-    """Pixels of the outer frame (about 5% of the shorter side, at least one pixel)."""
-    h, w = a.shape[:2]
-    t = max(1, round(0.05 * min(h, w)))
-    if 2 * t >= h or 2 * t >= w:
-        return a.reshape(-1)
-    return np.concatenate(
-        [a[:t].ravel(), a[-t:].ravel(), a[t:-t, :t].ravel(), a[t:-t, -t:].ravel()]
-    )
-
-
-def _is_dark_on_light(gray: np.ndarray) -> bool:
-    """A light border means a light background, i.e. dark ink on paper."""
-    return float(np.median(_border(gray))) > 127.5
-
-
 def _resize(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Lanczos resize of a float32 2-D array to ``size`` = (width, height)."""
     if a.shape[1] == size[0] and a.shape[0] == size[1]:
         return a.astype(np.float32, copy=True)
     img = Image.fromarray(a.astype(np.float32), mode="F")
     return np.asarray(img.resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
-
-
-def _shift(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """Move ``a`` by whole pixels, filling with zeros (no wrap-around)."""
-    out = np.zeros_like(a)
-    h, w = a.shape
-    src_y, dst_y = (
-        (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
-    )
-    src_x, dst_x = (
-        (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
-    )
-    out[dst_y, dst_x] = a[src_y, src_x]
-    return out
-
-
-def _center_digit(gray: np.ndarray, image_size: int, digit_box: int) -> np.ndarray:
-    """MNIST-style centring of an ink-bright float image; returns (S, S) float32 in 0..255."""
-    canvas = np.zeros((image_size, image_size), dtype=np.float32)
-    background = float(np.median(_border(gray)))
-    peak = float(gray.max())
-    if peak - background < _MIN_CONTRAST:
-        return canvas  # blank image: nothing to centre
-    ink = np.clip((gray - background) * (255.0 / (peak - background)), 0.0, 255.0)
-    rows = np.flatnonzero((ink > _INK_THRESHOLD).any(axis=1))
-    cols = np.flatnonzero((ink > _INK_THRESHOLD).any(axis=0))
-    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-
-    box = min(digit_box, image_size)
-    h, w = crop.shape
-    scale = box / max(h, w)
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    fitted = np.clip(_resize(crop, (new_w, new_h)), 0.0, 255.0)
-    top, left = (image_size - new_h) // 2, (image_size - new_w) // 2
-    canvas[top : top + new_h, left : left + new_w] = fitted
-
-    total = float(canvas.sum())
-    if total <= 0.0:
-        return canvas
-    ys, xs = np.indices(canvas.shape)
-    cy, cx = float((ys * canvas).sum()) / total, float((xs * canvas).sum()) / total
-    # Where the original MNIST put the centre of mass (measured on its training set:
-    # 14.0 of 0..27), so uploads land exactly where the training digits are.
-    centre = image_size / 2.0
-    dy, dx = round(centre - cy), round(centre - cx)
-    # Keep every inked pixel on the canvas even for lopsided glyphs.
-    r = np.flatnonzero(canvas.any(axis=1))
-    c = np.flatnonzero(canvas.any(axis=0))
-    dy = min(max(dy, -int(r[0])), image_size - 1 - int(r[-1]))
-    dx = min(max(dx, -int(c[0])), image_size - 1 - int(c[-1]))
-    return _shift(canvas, dy, dx)
 
 
 def image_to_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
@@ -320,15 +248,17 @@ def image_to_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     inverted only for ``invert="always"``, then resized. Deterministic.
     """
     size = int(spec.image_size)
+    if spec.channels == 1 and spec.center:
+        # Alpha is read by meaning (ink may live in it), so it is kept for this path.
+        source = img if has_alpha(img) else _to_l_or_rgb(img, 1)
+        out = digit_to_mnist(source, size, int(spec.digit_box), spec.invert)
+        return np.ascontiguousarray(np.rint(out).astype(np.uint8)[:, :, None])
     converted = _to_l_or_rgb(img, spec.channels)
     a = np.asarray(converted, dtype=np.uint8)
     if spec.channels == 1:
-        invert = spec.invert == "always" or (spec.invert == "auto" and _is_dark_on_light(a))
+        invert = spec.invert == "always" or (spec.invert == "auto" and is_dark_on_light(a))
         gray = (255.0 - a.astype(np.float32)) if invert else a.astype(np.float32)
-        if spec.center:
-            out = _center_digit(gray, size, int(spec.digit_box))
-        else:
-            out = np.clip(_resize(gray, (size, size)), 0.0, 255.0)
+        out = np.clip(_resize(gray, (size, size)), 0.0, 255.0)
         return np.ascontiguousarray(np.rint(out).astype(np.uint8)[:, :, None])
 
     if spec.invert == "always":
