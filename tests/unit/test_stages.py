@@ -101,14 +101,25 @@ def test_cli_exits_2_for_a_set_the_command_would_ignore(tmp_path: Path, monkeypa
 
 
 def _image_folder(root: Path, per_class: int = 14) -> None:
+    """Three classes told apart by the shape of their ink (an L, a T and a cross: the digit
+    preprocessing centres and scales the ink, so position alone would not separate them);
+    arm lengths vary with i, so that no two pictures are the same after preprocessing."""
     rng = np.random.default_rng(0)
     for label in ("a", "b", "c"):
         folder = root / label
         folder.mkdir(parents=True)
         for i in range(per_class):
-            img = rng.integers(0, 60, (28, 28), dtype=np.uint8)
-            r = 4 + 6 * "abc".index(label)
-            img[r : r + 8, 6:22] = 255 - i  # a class-dependent bar
+            img = rng.integers(0, 20, (28, 28), dtype=np.uint8)
+            wide, tall = 6 + i, 19 - i
+            if label == "a":  # an L
+                img[4 : 4 + tall, 4:6] = 255 - i
+                img[2 + tall : 4 + tall, 4 : 4 + wide] = 255 - i
+            elif label == "b":  # a T
+                img[4:6, 4 : 4 + wide] = 255 - i
+                img[4 : 4 + tall, 3 + wide // 2 : 5 + wide // 2] = 255 - i
+            else:  # a cross
+                img[3 + tall // 2 : 5 + tall // 2, 4 : 4 + wide] = 255 - i
+                img[4 : 4 + tall, 3 + wide // 2 : 5 + wide // 2] = 255 - i
             Image.fromarray(img).save(folder / f"{i}.png")
 
 
