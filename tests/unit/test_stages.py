@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -101,15 +100,25 @@ def test_cli_exits_2_for_a_set_the_command_would_ignore(tmp_path: Path, monkeypa
 
 
 def _image_folder(root: Path, per_class: int = 14) -> None:
-    rng = np.random.default_rng(0)
+    """Three classes of drawn shapes (ellipse, box, cross), each image its own proportions."""
+    from PIL import ImageDraw
+
     for label in ("a", "b", "c"):
         folder = root / label
         folder.mkdir(parents=True)
         for i in range(per_class):
-            img = rng.integers(0, 60, (28, 28), dtype=np.uint8)
-            r = 4 + 6 * "abc".index(label)
-            img[r : r + 8, 6:22] = 255 - i  # a class-dependent bar
-            Image.fromarray(img).save(folder / f"{i}.png")
+            img = Image.new("L", (64, 64), 255)
+            draw = ImageDraw.Draw(img)
+            w, h, pen = 8 + 3 * i, 52 - 2 * i, 2 + i % 4  # each its own shape and stroke
+            box = (32 - w // 2, 32 - h // 2, 32 + w // 2, 32 + h // 2)
+            if label == "a":
+                draw.ellipse(box, outline=0, width=pen)
+            elif label == "b":
+                draw.rectangle(box, outline=0, width=pen)
+            else:
+                draw.line(box, fill=0, width=pen)
+                draw.line((box[0], box[3], box[2], box[1]), fill=0, width=pen)
+            img.save(folder / f"{i}.png")
 
 
 @pytest.mark.slow
