@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -101,26 +100,25 @@ def test_cli_exits_2_for_a_set_the_command_would_ignore(tmp_path: Path, monkeypa
 
 
 def _image_folder(root: Path, per_class: int = 14) -> None:
-    """Three classes told apart by the shape of their ink (an L, a T and a cross: the digit
-    preprocessing centres and scales the ink, so position alone would not separate them);
-    arm lengths vary with i, so that no two pictures are the same after preprocessing."""
-    rng = np.random.default_rng(0)
+    """Three classes of drawn shapes (ellipse, box, cross), each image its own proportions."""
+    from PIL import ImageDraw
+
     for label in ("a", "b", "c"):
         folder = root / label
         folder.mkdir(parents=True)
         for i in range(per_class):
-            img = rng.integers(0, 20, (28, 28), dtype=np.uint8)
-            wide, tall = 6 + i, 19 - i
-            if label == "a":  # an L
-                img[4 : 4 + tall, 4:6] = 255 - i
-                img[2 + tall : 4 + tall, 4 : 4 + wide] = 255 - i
-            elif label == "b":  # a T
-                img[4:6, 4 : 4 + wide] = 255 - i
-                img[4 : 4 + tall, 3 + wide // 2 : 5 + wide // 2] = 255 - i
-            else:  # a cross
-                img[3 + tall // 2 : 5 + tall // 2, 4 : 4 + wide] = 255 - i
-                img[4 : 4 + tall, 3 + wide // 2 : 5 + wide // 2] = 255 - i
-            Image.fromarray(img).save(folder / f"{i}.png")
+            img = Image.new("L", (64, 64), 255)
+            draw = ImageDraw.Draw(img)
+            w, h, pen = 8 + 3 * i, 52 - 2 * i, 2 + i % 4  # each its own shape and stroke
+            box = (32 - w // 2, 32 - h // 2, 32 + w // 2, 32 + h // 2)
+            if label == "a":
+                draw.ellipse(box, outline=0, width=pen)
+            elif label == "b":
+                draw.rectangle(box, outline=0, width=pen)
+            else:
+                draw.line(box, fill=0, width=pen)
+                draw.line((box[0], box[3], box[2], box[1]), fill=0, width=pen)
+            img.save(folder / f"{i}.png")
 
 
 @pytest.mark.slow
