@@ -7,23 +7,26 @@ The steps, each with a reason:
 1. **Ink map with alpha by meaning** (:func:`ink_map`). When a minority of the pixels is
    opaque, the opaque pixels *are* the ink, whatever their colour (white ink on a
    transparent PNG is as common as black); otherwise transparency is background and gets
-   the colour of the opaque paper. Dark-on-light images are inverted (``auto``: the
-   image's mean lies below its median, i.e. the minority is dark).
-2. **Background and illumination removal**: the background is a grey opening (bright
-   structures narrower than a quarter of the image vanish) of a ≤ 64 px copy, smoothed
-   and scaled back up; it is subtracted, so shadows, tinted paper and uneven light give
-   zero ink. A background that is flat anyway is replaced by its median.
-3. **Ink found by thresholding**: a noise floor (4 robust standard deviations of the
-   residual) and half of Otsu's threshold over the pixels above it; ink keeps its grey
-   levels (nothing is binarised), the mask only decides *where* the digit is.
-4. **Ruled lines** (straight runs over half the image, far longer than the rest of the
-   ink) are removed and the strokes they crossed are closed again; **connected
-   components** are grouped across small gaps, and specks (< 5 % of the largest group)
-   and paper edges (thin groups along the border) are dropped.
+   the colour of the opaque paper. Dark-on-light images are inverted
+   (:func:`is_dark_on_light`: the sparse tail of the grey levels is the ink).
+2. **Background and illumination removal** (:func:`_background`): a flat background
+   (canvas, scan, a small crop) is one level; otherwise a white top-hat, a grey opening
+   with a square four stroke widths wide, keeps what is broader than the strokes
+   (shadows, uneven light, paper texture, the table around the sheet) and it is
+   subtracted. The frame is point-reflected first, so a light gradient leaves no ink.
+3. **Ink found by thresholding**: a noise floor (4 robust standard deviations above the
+   residual's median) and half of Otsu's threshold over the pixels above it; ink keeps
+   its grey levels (nothing is binarised), the mask only decides *where* the digit is.
+   Ink that does not stand out by a tenth of the image's range is no ink.
+4. **Ruled lines and margins** (straight runs over half the image that span the page
+   or pass the digit at both ends) are removed and the strokes they crossed closed
+   again; **connected components** are grouped across small gaps, and specks (< 5 % of
+   the largest group) and frame edges (groups with most of their ink along the frame:
+   paper edges, the table) are dropped.
 5. The digit's box is re-read **from the full-resolution image** at ``4 * digit_box`` px
    (area averaging commutes with the background subtraction), so a tiny digit on a big
    canvas keeps its detail. **Contrast**: the strongest strokes (90th percentile of the
-   ink) become full ink. **Outline digits** (closed contours around thin holes) are
+   ink) become full ink. **Outline digits** (closed contours around thin bands) are
    filled. **Stroke width** (:func:`stroke_width`, twice the area over the perimeter) is
    brought into the MNIST range by a distance-transform dilation or erosion.
 6. The MNIST box fit and centre of mass of LeCun et al. (:func:`center_digit`).
@@ -59,6 +62,8 @@ WORK_SIDE = 512
 BACKGROUND_SIDE = 64
 #: The digit is re-rendered at this multiple of ``digit_box`` before the final fit.
 OVERSAMPLE = 4
+#: Images up to this side (px) get a flat background: too small for shadows to matter.
+SMALL_SIDE = 64
 #: Groups of ink smaller than this share of the largest one are specks.
 SPECK_SHARE = 0.05
 #: Holes narrower than this share of the digit's longer side inside a closed contour are
@@ -346,8 +351,9 @@ def _ink_threshold(ink: np.ndarray) -> tuple[float, float]:
 def _background(gray: np.ndarray) -> np.ndarray:
     """Background of an ink-bright image at its own resolution, float32 ``(H, W)``.
 
-    A flat background (canvas, scan: the coarse estimate varies by less than a tenth of
-    the ink's contrast) is its median level, so strokes stay whole. Otherwise a white
+    A small image (≤ :data:`SMALL_SIDE` px) or a flat background (canvas, scan: the coarse
+    estimate varies by less than a tenth of the ink's contrast) is one level, so strokes
+    stay whole. Otherwise a white
     top-hat: the grey opening with a square four stroke widths wide (the width measured
     on a first, coarse estimate) removes the strokes and keeps everything broader —
     paper texture, shadows, light gradients, the table around the sheet.
@@ -355,6 +361,10 @@ def _background(gray: np.ndarray) -> np.ndarray:
     from scipy import ndimage as ndi
 
     h, w = gray.shape
+    if max(h, w) <= SMALL_SIDE:
+        # A crop this small has no room for an illumination gradient, and a bold shape
+        # fills much of it: the paper's level (the pixels below Otsu's threshold) it is.
+        return np.full_like(gray, float(np.median(gray[gray <= otsu_threshold(gray)])))
     coarse = _coarse_background(gray)
     first = gray - _resize(coarse, (w, h))
     peak = float(np.percentile(first, 99.9)) if first.size > 1000 else float(first.max())
@@ -369,7 +379,7 @@ def _background(gray: np.ndarray) -> np.ndarray:
         areas = np.bincount(labels.ravel())[1:]
         mask = np.isin(labels, 1 + np.flatnonzero(areas >= SPECK_SHARE * areas.max()))
     width = stroke_width(mask.astype(np.float32))
-    size = int(np.clip(round(4.0 * width) | 1, 5, max(5, (max(h, w) // 2) | 1)))
+    size = int(np.clip(round(4.0 * width) | 1, 5, max(5, max(h, w) | 1)))
     # Point reflection at the frame continues light gradients straight on, so a ramp
     # reaching the frame is no ridge for the opening to cut (and no ink).
     pad = size // 2 + 1
