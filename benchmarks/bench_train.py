@@ -113,7 +113,8 @@ def main() -> None:
     )
     ours = {
         "recipe": f"visionops default ({args.model}, AdamW + one-cycle, batch "
-        f"{params.train.batch_size}, {params.train.epochs} epochs, shift augmentation)",
+        f"{params.train.batch_size}, {params.train.epochs} epochs, "
+        f"{'field augmentation' if params.train.augment else 'no augmentation'})",
         "images_per_second": round(float(train_metrics.get("images_per_second", 0.0)), 1),
         "epochs": curve,
         "seconds_to_99": next(
