@@ -415,30 +415,95 @@ def test_web_page_is_served(client: TestClient) -> None:
 # --------------------------------------------------------------------------- internals
 
 
-def test_micro_batcher_collects_and_splits(tiny_model: LoadedModel) -> None:
+def test_micro_batcher_batches_concurrent_requests_without_waiting(
+    tiny_model: LoadedModel,
+) -> None:
+    """Requests that arrive together share one call; an idle model runs at once."""
     sizes: list[int] = []
     rng = np.random.default_rng(0)
-    xs = [rng.standard_normal((1, 28, 28)).astype(np.float32) for _ in range(10)]
+    x = rng.standard_normal((10, 1, 28, 28)).astype(np.float32)
 
-    async def scenario() -> list[tuple[np.ndarray, np.ndarray]]:
-        batcher = MicroBatcher(max_batch_size=4, max_wait_ms=50, on_batch=sizes.append)
+    async def scenario() -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
+        # A 10 s max_wait_ms would show up as a 10 s test if anything waited for it
+        # while the batch is full; max_batch_size 4 splits the 3+3+4 images into calls
+        # without splitting a request between calls.
+        batcher = MicroBatcher(max_batch_size=4, max_wait_ms=0, on_batch=sizes.append)
         batcher.start()
         try:
-            # Three concurrent "requests" of 3, 3 and 4 images.
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
             parts = await asyncio.gather(
-                batcher.predict(tiny_model, xs[:3]),
-                batcher.predict(tiny_model, xs[3:6]),
-                batcher.predict(tiny_model, xs[6:]),
+                batcher.predict(tiny_model, x[:3]),
+                batcher.predict(tiny_model, x[3:6]),
+                batcher.predict(tiny_model, x[6:]),
             )
+            single = await batcher.predict(tiny_model, x[:1])  # idle model: its own call
+            waited = loop.time() - t0
         finally:
             await batcher.stop()
-        return [row for part in parts for row in part]
+        return [*parts, single], waited
 
-    rows = asyncio.run(scenario())
-    assert sizes == [4, 4, 2]
-    probs, emb = tiny_model.run(np.stack(xs))
-    np.testing.assert_allclose(np.stack([r[0] for r in rows]), probs, atol=1e-6)
-    np.testing.assert_allclose(np.stack([r[1] for r in rows]), emb, atol=1e-6)
+    parts, _ = asyncio.run(scenario())
+    assert sizes == [3, 3, 4, 1]
+    probs, emb = tiny_model.run(x)
+    np.testing.assert_allclose(np.concatenate([p[0] for p in parts[:3]]), probs, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate([p[1] for p in parts[:3]]), emb, atol=1e-6)
+    np.testing.assert_allclose(parts[3][0], probs[:1], atol=1e-6)
+
+
+def test_micro_batcher_merges_small_requests_and_chunks_large_ones(
+    tiny_model: LoadedModel,
+) -> None:
+    sizes: list[int] = []
+    x = np.random.default_rng(1).standard_normal((12, 1, 28, 28)).astype(np.float32)
+
+    async def scenario() -> list[tuple[np.ndarray, np.ndarray]]:
+        batcher = MicroBatcher(max_batch_size=8, on_batch=sizes.append)
+        batcher.start()
+        try:
+            # Five one-image requests in the same turn of the loop: one call of 5; then a
+            # 12-image request alone: calls of 8 and 4.
+            small = await asyncio.gather(
+                *(batcher.predict(tiny_model, x[i : i + 1]) for i in range(5))
+            )
+            big = await batcher.predict(tiny_model, x)
+        finally:
+            await batcher.stop()
+        return [*small, big]
+
+    parts = asyncio.run(scenario())
+    assert sizes == [5, 8, 4]
+    probs, _ = tiny_model.run(x)
+    np.testing.assert_allclose(np.concatenate([p[0] for p in parts[:5]]), probs[:5], atol=1e-6)
+    np.testing.assert_allclose(parts[5][0], probs, atol=1e-6)
+
+
+def test_micro_batcher_max_wait_is_an_upper_bound(tiny_model: LoadedModel) -> None:
+    """With max_wait_ms set, a lone request waits for company, but a full batch does not."""
+    sizes: list[int] = []
+    x = np.zeros((4, 1, 28, 28), np.float32)
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(max_batch_size=2, max_wait_ms=60_000, on_batch=sizes.append)
+        batcher.start()
+        try:
+            # Two images fill the batch: scored at once despite the one-minute bound.
+            await asyncio.wait_for(
+                asyncio.gather(
+                    batcher.predict(tiny_model, x[:1]), batcher.predict(tiny_model, x[1:2])
+                ),
+                timeout=30,
+            )
+            lone = asyncio.ensure_future(batcher.predict(tiny_model, x[:1]))
+            await asyncio.sleep(0.05)
+            assert not lone.done()  # waiting for company, up to max_wait_ms
+        finally:
+            await batcher.stop()  # stop scores what is pending
+        probs, _ = await asyncio.wait_for(lone, timeout=5)
+        assert probs.shape == (1, 10)
+
+    asyncio.run(scenario())
+    assert sizes == [2, 1]
 
 
 def test_serving_never_imports_torch(tiny_model_dir: Path, tmp_path: Path) -> None:

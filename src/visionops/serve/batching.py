@@ -1,20 +1,28 @@
-"""Micro-batching: concurrent requests share one ONNX Runtime call.
+"""Adaptive micro-batching: concurrent requests share one ONNX Runtime call.
 
-Requests put single images on an asyncio queue and await a future. One worker task
-takes the first waiting image, then collects more until ``max_batch_size`` images or
-``max_wait_ms`` have passed, runs the batch in a thread (so the event loop keeps
-accepting requests while ORT computes) and resolves each future with its own row.
-While a batch runs, new images queue up, so under load batches grow by themselves.
+A request hands its whole normalised batch ``(N, C, H, W)`` to :meth:`MicroBatcher.predict`.
+When the model is idle the batch is scheduled for the very next turn of the event loop
+(``loop.call_soon``): requests whose bodies arrived in the same turn join it, nothing
+waits for a timer. While a batch is being scored the event loop is busy, so requests that
+arrive meanwhile queue up in the sockets and form the next batch, up to
+``max_batch_size`` images (a request is never split between batches; one larger than
+``max_batch_size`` is scored in ``max_batch_size`` chunks): under load batches grow by themselves, at idle an image runs
+at once. ``max_wait_ms`` > 0 is an optional upper bound for deployments that prefer
+bigger batches over latency: a batch smaller than ``max_batch_size`` then waits at most
+that long for company.
+
+Scoring runs on the event loop's own thread. Measured on the project's benchmark
+(``benchmarks/bench_serve.py``), handing each batch to a worker thread cost more in GIL
+hand-offs and wake-ups than it won in overlap for millisecond-sized batches; parallelism
+comes from running several worker processes (``visionops serve --workers N``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -22,17 +30,14 @@ from visionops.serve.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
-RowResult = tuple[np.ndarray, np.ndarray]  # (probabilities (K,), embedding (D,))
+BatchResult = tuple[np.ndarray, np.ndarray]  # probabilities (N, K), embeddings (N, D)
 
 
 @dataclass
 class _Item:
     model: LoadedModel
-    x: np.ndarray  # (C, H, W) float32, already normalised
-    future: asyncio.Future[RowResult]
-
-
-_STOP = object()
+    x: np.ndarray  # (N, C, H, W) float32, already normalised
+    future: asyncio.Future[BatchResult]
 
 
 class InferenceError(RuntimeError):
@@ -40,16 +45,16 @@ class InferenceError(RuntimeError):
 
 
 class MicroBatcher:
-    """Collects single images into batches for :meth:`LoadedModel.run`.
+    """Collects the image batches of concurrent requests into ONNX Runtime calls.
 
-    Each image carries the model it was preprocessed for, so a reload in the middle of
-    traffic never mixes models within a request: a batch is split by model.
+    Each request carries the model it was preprocessed for, so a reload in the middle of
+    traffic never mixes models within one call: a batch is split by model.
     """
 
     def __init__(
         self,
         max_batch_size: int,
-        max_wait_ms: float,
+        max_wait_ms: float = 0.0,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
@@ -57,107 +62,115 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max(0.0, max_wait_ms) / 1000.0
         self._on_batch = on_batch
-        self._queue: asyncio.Queue[Any] | None = None
-        self._worker: asyncio.Task[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[_Item] = []
+        self._pending_images = 0
+        self._scheduled: asyncio.Handle | asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running = False
+        self.batches = 0
 
     @property
     def running(self) -> bool:
-        return self._worker is not None and not self._worker.done()
+        return self._running
 
     def start(self) -> None:
-        """Start the worker on the running event loop."""
-        if self.running:
-            return
-        self._queue = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="visionops-ort")
-        self._worker = asyncio.get_running_loop().create_task(self._work(), name="micro-batcher")
+        """Accept predictions on the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._running = True
 
     async def stop(self) -> None:
-        """Finish every queued image, then stop the worker and its thread."""
-        if self._queue is not None and self.running:
-            await self._queue.put(_STOP)
-            assert self._worker is not None
-            await self._worker
-        self._worker = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        """Score everything still pending, then refuse new work."""
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        while self._pending:
+            self._flush()
+        self._running = False
 
-    async def predict(self, model: LoadedModel, xs: Sequence[np.ndarray]) -> list[RowResult]:
-        """Probabilities and embedding for each normalised ``(C, H, W)`` image, in order."""
-        if not self.running or self._queue is None:
+    async def predict(self, model: LoadedModel, x: np.ndarray) -> BatchResult:
+        """Probabilities ``(N, K)`` and embeddings ``(N, D)`` of a normalised ``(N, C, H, W)``.
+
+        Raises :class:`InferenceError` when the worker is stopped or ONNX Runtime fails.
+        """
+        if not self._running or self._loop is None:
             raise InferenceError("the prediction worker is not running")
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[RowResult]] = []
-        for x in xs:
-            fut: asyncio.Future[RowResult] = loop.create_future()
-            futures.append(fut)
-            self._queue.put_nowait(_Item(model, x, fut))
-        try:
-            return list(await asyncio.gather(*futures))
-        except BaseException:
-            for f in futures:  # a disconnected client: don't compute the rest for nobody
-                f.cancel()
-            raise
+        fut: asyncio.Future[BatchResult] = self._loop.create_future()
+        self._pending.append(_Item(model, x, fut))
+        self._pending_images += len(x)
+        if self._pending_images >= self.max_batch_size:
+            self._schedule(0.0)
+        elif self._scheduled is None:
+            self._schedule(self.max_wait_s)
+        return await fut
 
-    async def _next_batch(self, first: _Item) -> tuple[list[_Item], bool]:
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
-        batch, stop = [first], False
-        deadline = loop.time() + self.max_wait_s
-        while len(batch) < self.max_batch_size:
-            try:
-                nxt = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    nxt = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
-                    break
-            if nxt is _STOP:
-                stop = True
+    def _schedule(self, delay: float) -> None:
+        assert self._loop is not None
+        if self._scheduled is not None:
+            if delay > 0:
+                return
+            self._scheduled.cancel()
+        self._scheduled = (
+            self._loop.call_later(delay, self._flush_all)
+            if delay > 0
+            else self._loop.call_soon(self._flush_all)
+        )
+
+    def _flush_all(self) -> None:
+        self._scheduled = None
+        # One full batch per turn: requests that arrived meanwhile get their turn to
+        # join the remainder before it runs.
+        self._flush()
+        if self._pending and self._scheduled is None:
+            self._schedule(0.0)
+
+    def _take(self) -> list[_Item]:
+        """The oldest pending requests up to ``max_batch_size`` images (at least one)."""
+        taken, images = [], 0
+        while self._pending:
+            n = len(self._pending[0].x)
+            if taken and images + n > self.max_batch_size:
                 break
-            batch.append(nxt)
-        return batch, stop
+            taken.append(self._pending.pop(0))
+            images += n
+        self._pending_images -= images
+        return taken
 
-    async def _work(self) -> None:
-        assert self._queue is not None
-        while True:
-            first = await self._queue.get()
-            if first is _STOP:
-                return
-            batch, stop = await self._next_batch(first)
-            try:
-                await self._run(batch)
-            except Exception:  # never let one bad batch kill the worker
-                log.exception("micro-batch of %d failed", len(batch))
-            if stop:
-                return
-
-    async def _run(self, batch: list[_Item]) -> None:
-        loop = asyncio.get_running_loop()
-        live = [it for it in batch if not it.future.done()]
+    def _flush(self) -> None:
+        items = [it for it in self._take() if not it.future.done()]  # skip cancelled
         groups: dict[int, list[_Item]] = {}
-        for it in live:
+        for it in items:
             groups.setdefault(id(it.model), []).append(it)
-        for items in groups.values():
-            model = items[0].model
+        for group in groups.values():
+            self._run(group)
+
+    def _score(self, model: LoadedModel, x: np.ndarray) -> BatchResult:
+        """One ONNX Runtime call per ``max_batch_size`` images (one request may need more)."""
+        parts = []
+        for start in range(0, len(x), self.max_batch_size):
+            chunk = x[start : start + self.max_batch_size]
             if self._on_batch is not None:
-                self._on_batch(len(items))
-            try:
-                x = np.stack([it.x for it in items]).astype(np.float32, copy=False)
-                probs, emb = await loop.run_in_executor(self._executor, model.run, x)
-            except Exception as exc:
-                log.exception("inference failed for a batch of %d", len(items))
-                for it in items:
-                    if not it.future.done():
-                        it.future.set_exception(
-                            InferenceError(f"inference failed: {type(exc).__name__}: {exc}")
-                        )
-                continue
-            for i, it in enumerate(items):
+                self._on_batch(len(chunk))
+            self.batches += 1
+            parts.append(model.run(chunk))
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _run(self, items: list[_Item]) -> None:
+        model = items[0].model
+        x = items[0].x if len(items) == 1 else np.concatenate([it.x for it in items])
+        try:
+            probs, emb = self._score(model, x)
+        except Exception as exc:
+            log.exception("inference failed for a batch of %d", len(x))
+            err = InferenceError(f"inference failed: {type(exc).__name__}: {exc}")
+            for it in items:
                 if not it.future.done():
-                    it.future.set_result((probs[i], emb[i]))
+                    it.future.set_exception(err)
+            return
+        start = 0
+        for it in items:
+            stop = start + len(it.x)
+            if not it.future.done():
+                it.future.set_result((probs[start:stop], emb[start:stop]))
+            start = stop

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.formparsers import MultiPartException
 
 from visionops.config import ServeParams
 from visionops.data.transforms import (
@@ -25,10 +25,10 @@ from visionops.data.transforms import (
     image_to_array,
 )
 from visionops.errors import DataError
-from visionops.serve.middleware import BodyTooLargeError
 from visionops.serve.schemas import PredictRequest
 
 FILES_FIELD = "files"
+FILES_FIELD_BYTES = FILES_FIELD.encode()
 
 # Magic numbers of image formats we recognise but do not accept, so the client gets
 # 415 "unsupported format" rather than 400 "not an image". Only a prefix is compared.
@@ -81,55 +81,93 @@ def unsupported_format(data: bytes) -> str | None:
     return None
 
 
-async def read_multipart(request: Request, limits: ServeParams) -> list[RawImage]:
-    """The files of field ``files``, in order; other fields are ignored."""
-    parser = MultiPartParser(
-        request.headers,
-        request.stream(),
-        max_files=limits.max_files,
-        max_fields=100,
-        max_part_size=64 * 1024,
-    )
-    try:
-        form = await parser.parse()
-    except BodyTooLargeError:
-        raise
-    except MultiPartException as exc:
-        if "too many files" in exc.message.lower():
+def read_multipart(body: bytes, content_type: str, limits: ServeParams) -> list[RawImage]:
+    """The files of field ``files`` of a whole multipart body, in order.
+
+    Parsed in one pass with python-multipart's streaming parser, straight into memory
+    (the body is already bounded by ``serve.max_body_bytes``); other fields are ignored.
+    Raises :class:`ApiError`: 400 malformed, 413 more than ``serve.max_files`` files,
+    422 no ``files`` field or a text value in it.
+    """
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "invalid_multipart", "malformed multipart body: no boundary")
+    parts: list[tuple[bytes, bytes | None, list[bytes]]] = []  # (name, filename, chunks)
+    header: list[bytes] = [b"", b""]
+    disposition: list[bytes | None] = [None]
+
+    def on_part_begin() -> None:
+        disposition[0] = None
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header[0] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header[1] += data[start:end]
+
+    def on_header_end() -> None:
+        if header[0].lower() == b"content-disposition":
+            disposition[0] = header[1]
+        header[0], header[1] = b"", b""
+
+    def on_headers_finished() -> None:
+        _, opts = parse_options_header(disposition[0])
+        if disposition[0] is None or b"name" not in opts:
+            raise MultiPartException("a part lacks a Content-Disposition name")
+        parts.append((opts[b"name"], opts.get(b"filename"), []))
+        if opts[b"name"] == FILES_FIELD_BYTES and (
+            sum(1 for p in parts if p[0] == FILES_FIELD_BYTES) > limits.max_files
+        ):
             raise ApiError(
                 413,
                 "too_many_files",
                 f"more than {limits.max_files} files in one request (serve.max_files)",
-            ) from None
+            )
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1][2].append(data[start:end])
+
+    callbacks: Any = {
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished,
+        "on_part_data": on_part_data,
+    }
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except ApiError:
+        raise
+    except MultiPartException as exc:
         raise ApiError(
             400, "invalid_multipart", f"malformed multipart body: {exc.message}"
         ) from None
     except Exception as exc:  # python-multipart raises assorted errors on garbage bodies
         raise ApiError(400, "invalid_multipart", f"malformed multipart body ({exc})") from None
-    try:
-        values = form.getlist(FILES_FIELD)
-        if not values:
+    if body and not parts:
+        raise ApiError(400, "invalid_multipart", "malformed multipart body: no parts found")
+    files = [p for p in parts if p[0] == FILES_FIELD_BYTES]
+    if not files:
+        raise ApiError(
+            422,
+            "missing_field",
+            f"multipart body has no '{FILES_FIELD}' field; send images as "
+            f"-F {FILES_FIELD}=@digit.png",
+        )
+    images = []
+    for i, (_, filename, chunks) in enumerate(files):
+        if filename is None:
             raise ApiError(
-                422,
-                "missing_field",
-                f"multipart body has no '{FILES_FIELD}' field; send images as "
-                f"-F {FILES_FIELD}=@digit.png",
+                422, "invalid_field", f"{FILES_FIELD}[{i}] is a text field, expected a file upload"
             )
-        images = []
-        for i, v in enumerate(values):
-            if not isinstance(v, UploadFile):
-                raise ApiError(
-                    422,
-                    "invalid_field",
-                    f"{FILES_FIELD}[{i}] is a text field, expected a file upload",
-                )
-            images.append(
-                # Names are echoed in error messages: keep them short.
-                RawImage(filename=(v.filename or "unnamed")[:100], data=await v.read())
-            )
-        return images
-    finally:
-        await form.close()
+        name = filename.decode("utf-8", "replace") or "unnamed"
+        # Names are echoed in error messages: keep them short.
+        images.append(RawImage(filename=name[:100], data=b"".join(chunks)))
+    return images
 
 
 def parse_instances(body: bytes, limits: ServeParams) -> list[np.ndarray]:
@@ -222,3 +260,29 @@ def prepare_instance(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         return x
     img = Image.fromarray(x[:, :, 0], mode="L")
     return image_to_array(img, dataclasses.replace(spec, invert="never"))
+
+
+def model_inputs(
+    body: bytes, content_type: str, spec: PreprocessSpec, limits: ServeParams
+) -> np.ndarray:
+    """A request body as the model-sized uint8 batch ``(N, H, W, C)`` it asks about.
+
+    Multipart ``files`` or JSON ``instances``; everything a client can get wrong is an
+    :class:`ApiError` (415 for another content type).
+    """
+    media = content_type.split(";")[0].strip().lower()
+    if media == "multipart/form-data":
+        files = read_multipart(body, content_type, limits)
+        pixels = [prepare_file(f, i, spec, limits.max_pixels) for i, f in enumerate(files)]
+    elif media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        pixels = [prepare_instance(a, spec) for a in parse_instances(body, limits)]
+    else:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"content type {media or '(none)'!r} is not accepted; send multipart/form-data "
+            f"with field '{FILES_FIELD}' or application/json with 'instances'",
+        )
+    return pixels[0][None] if len(pixels) == 1 else np.stack(pixels)

@@ -1,14 +1,24 @@
-"""Prometheus metrics of one app, in its own registry (several apps can live in a process)."""
+"""Prometheus metrics of one app, correct with one process or several.
+
+With one process the app has its own registry (several apps can live in a process, as
+the tests build them). With ``visionops serve --workers N`` every worker writes its
+values to prometheus-client's multiprocess directory (``PROMETHEUS_MULTIPROC_DIR``,
+set before the workers start) and ``/metrics``, whichever worker answers it, sums the
+files of all of them (:class:`prometheus_client.multiprocess.MultiProcessCollector`).
+"""
 
 from __future__ import annotations
 
+from collections import Counter as Tally
+from collections.abc import Sequence
+
+import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    Info,
     generate_latest,
 )
 
@@ -35,6 +45,10 @@ def status_label(status: int) -> str:
 class ServeMetrics:
     """Every series the service exports.
 
+    ``multiprocess_dir``: the multiprocess directory when several workers serve (the
+    environment variable must already name it when ``prometheus_client`` is imported);
+    None for a single process with a private registry.
+
     Every label has a bounded set of values: ``route`` is a route template or
     ``unmatched``, ``method`` and ``status`` go through :func:`method_label` and
     :func:`status_label`, ``label`` is one of the model's classes.
@@ -42,7 +56,10 @@ class ServeMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
+        # In multiprocess mode the values live in files; this registry only holds the
+        # metric objects (rendering reads the files of every worker instead).
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -76,26 +93,69 @@ class ServeMetrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
-        self.model_info = Info(
-            "visionops_model", "The model being served (name, version, alias).", registry=r
+        # A gauge, not an Info: Info has no multiprocess mode. One series per worker
+        # process in multiprocess mode ("liveall"), so a reload is visible per worker.
+        self.model_info = Gauge(
+            "visionops_model_info",
+            "The model being served (name, version, alias, digest); 1 for the current one.",
+            ["name", "version", "alias", "digest"],
+            registry=r,
+            multiprocess_mode="liveall",
         )
         self.model_loaded = Gauge(
-            "visionops_model_loaded", "1 when a model is loaded and ready.", registry=r
+            "visionops_model_loaded",
+            "1 when a model is loaded and ready (the least of all workers).",
+            registry=r,
+            multiprocess_mode="livemin",
         )
         self.reloads = Counter(
             "visionops_model_reloads", "Admin reload attempts by outcome.", ["outcome"], registry=r
         )
         self.predlog_pending = Gauge(
             "visionops_predlog_pending_rows",
-            "Prediction-log rows waiting to be written.",
+            "Prediction-log rows waiting to be written (all workers).",
             registry=r,
+            multiprocess_mode="livesum",
         )
+        self._model_labels: tuple[str, str, str, str] | None = None
 
     def set_model(self, name: str, version: str | None, alias: str | None, digest: str) -> None:
-        self.model_info.info(
-            {"name": name, "version": version or "", "alias": alias or "", "digest": digest}
-        )
+        labels = (name, version or "", alias or "", digest)
+        if self._model_labels is not None and self._model_labels != labels:
+            if self.multiprocess_dir:
+                self.model_info.labels(*self._model_labels).set(0)
+            else:
+                self.model_info.remove(*self._model_labels)
+        self.model_info.labels(*labels).set(1)
+        self._model_labels = labels
         self.model_loaded.set(1)
 
+    def observe_predictions(
+        self,
+        classes: Sequence[str],
+        class_index: np.ndarray,
+        confidence: np.ndarray,
+        accepted: np.ndarray,
+    ) -> None:
+        """Count one request's predictions: one increment per (label, accepted) pair."""
+        pairs = Tally(zip(class_index.tolist(), accepted.tolist(), strict=True))
+        for (k, ok), n in pairs.items():
+            self.predictions.labels(classes[k], "true" if ok else "false").inc(n)
+        for c in confidence.tolist():
+            self.confidence.observe(c)
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess_dir:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+        return generate_latest(registry)
+
+
+def mark_process_dead(multiprocess_dir: str, pid: int) -> None:
+    """Drop a finished worker's live gauges (its counters keep counting in the totals)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, multiprocess_dir)

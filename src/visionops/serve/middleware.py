@@ -136,15 +136,17 @@ class BodySizeLimitMiddleware:
                 )
                 return
             if too_big:
-                await self._refuse(send)
+                await self._refuse(scope, receive, send)
                 return
 
         received = 0
         started = False
+        body_ended = False
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, body_ended
             message = await receive()
+            body_ended = message["type"] != "http.request" or not message.get("more_body")
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
@@ -162,14 +164,48 @@ class BodySizeLimitMiddleware:
         except BodyTooLargeError:
             if started:
                 raise
-            await self._refuse(send)
+            await self._refuse(scope, receive, send, body_ended=body_ended)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, body_ended: bool = False
+    ) -> None:
+        """Answer 413 so that every client reads it, then close the connection.
+
+        A client that sends its whole body before reading (Python's urllib) would get a
+        connection reset if the server closed with unread bytes in the socket, so the
+        rest of the body is read and discarded first, up to :attr:`discard_limit` bytes.
+        A client that asked ``Expect: 100-continue`` has sent nothing yet and is
+        answered at once.
+        """
+        expect = (_header(scope, "expect") or "").lower()
+        if expect != "100-continue" and not body_ended:
+            await _discard_body(receive, self.discard_limit)
         message = f"request body exceeds the limit of {self.max_bytes} bytes (serve.max_body_bytes)"
-        # Close the connection: the rest of the body is never read.
         await send_json(
             send, 413, error_body("payload_too_large", message), [(b"connection", b"close")]
         )
+
+    @property
+    def discard_limit(self) -> int:
+        """Most bytes of a refused body read (and thrown away) before closing."""
+        return max(4 * self.max_bytes, DISCARD_MIN_BYTES)
+
+
+# Read and thrown away, at least, before a 413 closes the connection (see _refuse).
+DISCARD_MIN_BYTES = 16 * 1024 * 1024
+
+
+async def _discard_body(receive: Receive, limit: int) -> bool:
+    """Read the rest of the request body, up to ``limit`` bytes; True when it ended."""
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return True
+    return False
 
 
 def _header(scope: Scope, name: str) -> str | None:

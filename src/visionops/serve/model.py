@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from visionops.data.transforms import PreprocessSpec
-from visionops.errors import ModelError
+from visionops.errors import ModelError, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +46,50 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def resolve_model_uri(uri: str) -> ResolvedModel:
+def resolve_model_uri(uri: str, isolated: bool = False) -> ResolvedModel:
     """Turn ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or a folder into a folder.
 
-    Registry URIs go through :func:`visionops.registry.resolve_served_model` (imported
-    only then: it pulls in MLflow); anything else is a folder path.
+    Registry URIs go through :func:`visionops.registry.resolve_served_model`, which
+    imports MLflow. With ``isolated`` that happens in a short-lived child process
+    (``python -m visionops.serve.resolve``; about a second), so MLflow never stays
+    resident in a serving process; anything else is a folder path. Raises
+    :class:`~visionops.errors.RegistryError` with the registry's reason.
     """
-    if uri.startswith("models:/"):
-        from visionops import registry
+    if not uri.startswith("models:/"):
+        return ResolvedModel(path=Path(uri), name=None, version=None, alias=None)
+    if isolated:
+        return _resolve_in_child(uri)
+    from visionops import registry
 
-        ref = registry.resolve_served_model(uri)
-        version = getattr(ref, "version", None)
-        return ResolvedModel(
-            path=Path(ref.path),
-            name=getattr(ref, "name", None),
-            version=None if version is None else str(version),
-            alias=getattr(ref, "alias", None),
+    ref = registry.resolve_served_model(uri)
+    version = getattr(ref, "version", None)
+    return ResolvedModel(
+        path=Path(ref.path),
+        name=getattr(ref, "name", None),
+        version=None if version is None else str(version),
+        alias=getattr(ref, "alias", None),
+    )
+
+
+def _resolve_in_child(uri: str) -> ResolvedModel:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "visionops.serve.resolve", uri],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        raise RegistryError(
+            lines[-1] if lines else f"cannot resolve {uri} (exit {proc.returncode})"
         )
-    return ResolvedModel(path=Path(uri), name=None, version=None, alias=None)
+    d = json.loads(proc.stdout.strip().splitlines()[-1])
+    return ResolvedModel(
+        path=Path(d["path"]), name=d["name"], version=d["version"], alias=d["alias"]
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -193,6 +219,9 @@ def load_model(source: ResolvedModel, threads: int | None = None) -> LoadedModel
     return replace(model, embedding_dim=int(emb.shape[1]))
 
 
-def load_from_uri(uri: str, threads: int | None = None) -> LoadedModel:
-    """Resolve ``uri`` (registry alias/version or folder) and load it."""
-    return load_model(resolve_model_uri(uri), threads=threads)
+def load_from_uri(uri: str, threads: int | None = None, isolated: bool = False) -> LoadedModel:
+    """Resolve ``uri`` (registry alias/version or folder) and load it.
+
+    ``isolated``: resolve registry URIs in a child process (:func:`resolve_model_uri`).
+    """
+    return load_model(resolve_model_uri(uri, isolated=isolated), threads=threads)

@@ -1,10 +1,22 @@
 """The prediction log: every served prediction, for monitoring, drift checks and audits.
 
-Rows go through SQLAlchemy Core, so the default SQLite file (WAL mode) and a
-PostgreSQL URL (``VISIONOPS_PREDLOG_URL``) work unchanged. Requests never wait for the
-database: :meth:`PredictionLog.submit` puts records on a queue and a background thread
-writes them in batches; :meth:`PredictionLog.close` drains the queue, so a graceful
-shutdown loses no row.
+Rows go through SQLAlchemy Core, so the default SQLite file (WAL mode, busy timeout) and
+a PostgreSQL URL (``VISIONOPS_PREDLOG_URL``) work unchanged, also with several server
+processes writing to one SQLite file. Requests never wait for the database:
+:meth:`PredictionLog.submit` queues one :class:`PredictionBatch` per request (NumPy
+arrays, nothing encoded yet) and a background thread turns whatever is queued into rows
+in one vectorised pass and inserts them in one transaction; :meth:`PredictionLog.close`
+drains the queue, so a graceful shutdown loses no row.
+
+Array columns are binary, little-endian and C-ordered:
+
+- ``embedding``: float32 ``(D,)`` — ``np.frombuffer(value, "<f4")`` (D = bytes / 4);
+- ``input_pixels``: the model-sized input the model scored, uint8 ``(H, W, C)`` with ink
+  high (MNIST convention) — ``np.frombuffer(value, np.uint8).reshape(H, W, C)`` where
+  ``input_shape`` is the text ``"HxWxC"`` (e.g. ``"28x28x1"``).
+
+:func:`decode_embedding` and :func:`decode_pixels` do exactly that (and also read the
+JSON-text embeddings of logs written before the columns became binary).
 """
 
 from __future__ import annotations
@@ -15,7 +27,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,10 +65,11 @@ predictions_table = sa.Table(
     sa.Column("bbox_height", sa.Integer, nullable=False),
     sa.Column("center_x", sa.Float, nullable=False),
     sa.Column("center_y", sa.Float, nullable=False),
-    sa.Column("embedding", sa.Text, nullable=False),  # JSON list of floats
+    sa.Column("embedding", sa.LargeBinary, nullable=False),  # float32 (D,), little-endian
     # For the monitor (visionops.monitor.stats); NULL when it cannot be computed.
     sa.Column("stroke_thickness", sa.Float, nullable=True),
-    sa.Column("thumbnail", sa.Text, nullable=True),  # base64 PNG of the model-sized input
+    sa.Column("input_pixels", sa.LargeBinary, nullable=True),  # uint8 (H, W, C), ink high
+    sa.Column("input_shape", sa.String(32), nullable=True),  # "HxWxC" of input_pixels
 )
 
 
@@ -73,7 +86,11 @@ class InputStats:
 
 
 def input_statistics(x: np.ndarray) -> InputStats:
-    """Statistics of a uint8 ``(H, W)`` or ``(H, W, C)`` image with ink high (MNIST style)."""
+    """Statistics of a uint8 ``(H, W)`` or ``(H, W, C)`` image with ink high (MNIST style).
+
+    The definition; the server computes the same values for a whole batch at once with
+    :func:`visionops.monitor.stats.logged_statistics` (a unit test holds them equal).
+    """
     a = np.asarray(x, dtype=np.float32)
     if a.ndim == 3:
         a = a.mean(axis=2)
@@ -100,70 +117,127 @@ def input_statistics(x: np.ndarray) -> InputStats:
     )
 
 
-@dataclass(frozen=True)
-class PredictionRecord:
-    """One prediction to log. ``pixels`` is the model-sized uint8 input (ink high).
+# --------------------------------------------------------------------------- codecs
 
-    Statistics and the thumbnail are computed from ``pixels`` by the writer thread, off
-    the request path.
+
+def encode_embedding(v: np.ndarray) -> bytes:
+    """A ``(D,)`` embedding as the ``embedding`` column's bytes (float32, little-endian)."""
+    return np.ascontiguousarray(v, dtype="<f4").tobytes()
+
+
+def decode_embedding(value: bytes | str | None) -> np.ndarray | None:
+    """The ``embedding`` column back as float32 ``(D,)``; JSON text from older logs too."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return np.asarray(json.loads(value), dtype=np.float32)
+    return np.frombuffer(bytes(value), dtype="<f4").astype(np.float32)
+
+
+def pixels_shape_text(shape: tuple[int, ...]) -> str:
+    """``"HxWxC"`` of a uint8 ``(H, W, C)`` image, the ``input_shape`` column."""
+    return "x".join(str(int(d)) for d in shape)
+
+
+def decode_pixels(value: bytes | None, shape: str | None) -> np.ndarray | None:
+    """``input_pixels`` + ``input_shape`` back as the uint8 ``(H, W, C)`` model input.
+
+    None when either is missing; raises :class:`DataError` when they disagree.
+    """
+    if value is None or not shape:
+        return None
+    try:
+        dims = tuple(int(d) for d in shape.split("x"))
+        return np.frombuffer(bytes(value), dtype=np.uint8).reshape(dims)
+    except ValueError as exc:
+        raise DataError(f"logged input of {len(value)} bytes is not {shape!r} ({exc})") from None
+
+
+_INT_STATS = frozenset({"bbox_width", "bbox_height"})
+
+
+@dataclass(frozen=True)
+class PredictionBatch:
+    """The predictions of one request, as arrays (one row each when written).
+
+    ``pixels`` is the model-sized uint8 input ``(N, H, W, C)`` (ink high) the model
+    scored; statistics are computed from it by the writer thread, off the request path.
     """
 
     created_at: datetime
     request_id: str
-    input_index: int
     model_name: str
     model_version: str | None
     model_alias: str | None
-    label: str
-    class_index: int
-    confidence: float
-    accepted: bool
-    probabilities: dict[str, float]
-    embedding: list[float]
-    pixels: np.ndarray
+    classes: tuple[str, ...]
+    class_index: np.ndarray  # (N,) int
+    confidence: np.ndarray  # (N,) float
+    accepted: np.ndarray  # (N,) bool
+    probabilities: np.ndarray  # (N, K) float32
+    embeddings: np.ndarray  # (N, D) float32
+    pixels: np.ndarray  # (N, H, W, C) uint8
 
-    def to_row(
-        self, extras: _MonitorExtras | None = None, stroke: float | None = None
-    ) -> dict[str, Any]:
-        """The table row: JSON columns encoded, input statistics computed.
+    def __len__(self) -> int:
+        return len(self.class_index)
 
-        ``stroke`` is this record's stroke thickness when the caller computed it for a
-        whole batch at once (one distance-transform pass instead of one per record).
-        """
-        row = {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name not in ("probabilities", "embedding", "pixels")
-        }
-        row.update(asdict(input_statistics(self.pixels)))
-        row["probabilities"] = json.dumps(self.probabilities)
-        row["embedding"] = json.dumps([round(float(v), 6) for v in self.embedding])
-        row["stroke_thickness"] = row["thumbnail"] = None
-        if extras is not None:
-            row["stroke_thickness"] = (
-                stroke
-                if stroke is not None
-                else float(extras.stroke_thickness(self.pixels[None])[0])
-            )
-            row["thumbnail"] = extras.thumbnail_base64(self.pixels)
-        return row
+
+def batch_rows(
+    batches: list[PredictionBatch],
+    stats: dict[str, np.ndarray] | None,
+    strokes: np.ndarray | None,
+) -> list[dict[str, Any]]:
+    """Table rows of ``batches``, in order; ``stats``/``strokes`` cover every row at once."""
+    rows: list[dict[str, Any]] = []
+    at = 0
+    for b in batches:
+        labels = [b.classes[int(k)] for k in b.class_index]
+        probs = b.probabilities.tolist()
+        conf = b.confidence.tolist()
+        acc = b.accepted.tolist()
+        shape = pixels_shape_text(b.pixels.shape[1:])
+        pixels = np.ascontiguousarray(b.pixels, dtype=np.uint8)
+        emb = np.ascontiguousarray(b.embeddings, dtype="<f4")
+        for i in range(len(b)):
+            j = at + i
+            row: dict[str, Any] = {
+                "created_at": b.created_at,
+                "request_id": b.request_id,
+                "input_index": i,
+                "model_name": b.model_name,
+                "model_version": b.model_version,
+                "model_alias": b.model_alias,
+                "label": labels[i],
+                "class_index": int(b.class_index[i]),
+                "confidence": conf[i],
+                "accepted": acc[i],
+                "probabilities": json.dumps(dict(zip(b.classes, probs[i], strict=True))),
+                "embedding": emb[i].tobytes(),
+                "input_pixels": pixels[i].tobytes(),
+                "input_shape": shape,
+                "stroke_thickness": None if strokes is None else float(strokes[j]),
+            }
+            if stats is not None:
+                for name, values in stats.items():
+                    v = values[j]
+                    row[name] = int(v) if name in _INT_STATS else float(v)
+            rows.append(row)
+        at += len(b)
+    return rows
 
 
 @dataclass(frozen=True)
-class _MonitorExtras:
-    """The monitor's own definitions of the optional columns (one source of truth)."""
+class _MonitorStats:
+    """The monitor's own definitions of the statistics columns (one source of truth)."""
 
+    logged_statistics: Callable[[np.ndarray], dict[str, np.ndarray]]
     stroke_thickness: Callable[[np.ndarray], np.ndarray]
-    thumbnail_base64: Callable[[np.ndarray], str]
 
     @classmethod
-    def load(cls) -> _MonitorExtras | None:
-        try:  # imported late: visionops.monitor.stats itself imports this module
-            from visionops.monitor.stats import stroke_thickness, thumbnail_base64
-        except ImportError as exc:
-            log.warning("prediction log: no stroke_thickness/thumbnail columns (%s)", exc)
-            return None
-        return cls(stroke_thickness, thumbnail_base64)
+    def load(cls) -> _MonitorStats:
+        # Imported late: visionops.monitor.stats itself imports this module.
+        from visionops.monitor.stats import logged_statistics, stroke_thickness
+
+        return cls(logged_statistics, stroke_thickness)
 
 
 def safe_url(url: str) -> str:
@@ -210,27 +284,31 @@ _STOP = object()
 
 
 class PredictionLog:
-    """Background, batched writer of :class:`PredictionRecord` rows."""
+    """Background, batched writer of :class:`PredictionBatch` rows."""
 
     def __init__(
         self,
         url: str,
         *,
-        batch_size: int = 500,
+        batch_size: int = 1000,
         max_queue: int = 100_000,
         retries: int = 3,
-        monitor_extras: bool = True,
+        monitor_stats: bool = True,
     ) -> None:
         self.url = url
-        self.monitor_extras = monitor_extras
-        self.batch_size = batch_size
+        self.monitor_stats = monitor_stats
+        self.batch_size = batch_size  # rows per transaction, about
+        self.max_queue = max_queue  # rows waiting; past it new rows are dropped and counted
         self.retries = retries
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._engine: Engine | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._extras: _MonitorExtras | None = None
+        self._idle = threading.Condition(self._lock)
+        self._stats: _MonitorStats | None = None
         self._columns: frozenset[str] = frozenset()
+        self._json_embedding = False
+        self._pending = 0
         self.written = 0
         self.dropped = 0
 
@@ -244,37 +322,46 @@ class PredictionLog:
             # A table created by an older version may lack newer columns: write only
             # the columns it has instead of failing every insert.
             existing = sa.inspect(self._engine).get_columns(predictions_table.name)
-            self._columns = frozenset(c["name"] for c in existing)
         except sa.exc.SQLAlchemyError as exc:
             self._engine.dispose()
             self._engine = None
             raise DataError(f"cannot open the prediction log {safe_url(self.url)}: {exc}") from None
+        self._columns = frozenset(c["name"] for c in existing)
+        # Logs created before embeddings became binary keep getting JSON text there.
+        self._json_embedding = any(
+            c["name"] == "embedding" and not isinstance(c["type"], sa.LargeBinary) for c in existing
+        )
         missing = {c.name for c in predictions_table.columns} - self._columns
         if missing:
             log.warning("prediction log table lacks columns %s: not logged", sorted(missing))
-        self._extras = _MonitorExtras.load() if self.monitor_extras else None
+        self._stats = _MonitorStats.load() if self.monitor_stats else None
         self._thread = threading.Thread(target=self._run, name="predlog-writer", daemon=True)
         self._thread.start()
         log.info("prediction log at %s", safe_url(self.url))
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize()
+        """Rows queued and not yet written."""
+        return self._pending
 
-    def submit(self, records: Iterable[PredictionRecord]) -> None:
-        """Queue records for writing; never blocks (a full queue drops and counts)."""
-        for rec in records:
-            try:
-                self._queue.put_nowait(rec)
-            except queue.Full:
-                with self._lock:
-                    self.dropped += 1
-                log.warning("prediction log queue full: dropped a row (%d so far)", self.dropped)
+    def submit(self, batch: PredictionBatch | Iterable[PredictionBatch]) -> None:
+        """Queue rows for writing; never blocks (past ``max_queue`` rows: dropped, counted)."""
+        for b in [batch] if isinstance(batch, PredictionBatch) else batch:
+            n = len(b)
+            with self._lock:
+                if self._pending + n > self.max_queue:
+                    self.dropped += n
+                    log.warning("prediction log queue full: dropped %d row(s)", n)
+                    continue
+                self._pending += n
+            self._queue.put(b)
 
-    def flush(self) -> None:
-        """Block until every queued record has been written (or given up on)."""
-        if self._thread is not None:
-            self._queue.join()
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued row has been written (or given up on); False on timeout."""
+        if self._thread is None:
+            return self._pending == 0
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
     def close(self) -> None:
         """Write everything still queued, then stop the thread and release the database."""
@@ -288,51 +375,67 @@ class PredictionLog:
         log.info("prediction log closed: %d rows written, %d dropped", self.written, self.dropped)
 
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            items = [item]
-            while item is not _STOP and len(items) < self.batch_size:
+        stop = False
+        while not stop:
+            batches = [self._queue.get()]
+            rows = len(batches[0]) if batches[0] is not _STOP else 0
+            while batches[-1] is not _STOP and rows < self.batch_size:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                items.append(item)
-            records = [i for i in items if i is not _STOP]
-            strokes = self._batch_strokes(records)
-            rows = [row for row in map(self._to_row, records, strokes) if row is not None]
-            if rows:
-                self._write(rows)
-            for _ in items:
-                self._queue.task_done()
-            if len(records) != len(items):
-                return
+                batches.append(item)
+                rows += len(item) if item is not _STOP else 0
+            stop = batches[-1] is _STOP
+            work = [b for b in batches if b is not _STOP]
+            if work:
+                self._write_batches(work)
 
-    def _batch_strokes(self, records: list[PredictionRecord]) -> list[float | None]:
-        """Stroke thickness of every record in one vectorised call (same-shaped inputs)."""
-        none: list[float | None] = [None] * len(records)
-        if self._extras is None or not records:
-            return none
-        shapes = {r.pixels.shape for r in records}
-        if len(shapes) != 1:
-            return none
+    def _write_batches(self, batches: list[PredictionBatch]) -> None:
+        n = sum(len(b) for b in batches)
         try:
-            values = self._extras.stroke_thickness(np.stack([r.pixels for r in records]))
-        except Exception:  # fall back to one record at a time in to_row
-            log.exception("prediction log: batched stroke thickness failed")
-            return none
-        return [float(v) for v in values]
+            rows = self._rows(batches)
+        except Exception:  # one odd batch must not stop the writer
+            log.exception("prediction log: cannot encode %d row(s)", n)
+            self._done(0, n)
+            return
+        self._write(rows)
 
-    def _to_row(
-        self, record: PredictionRecord, stroke: float | None = None
-    ) -> dict[str, Any] | None:
-        try:
-            row = record.to_row(self._extras, stroke)
-        except Exception:  # one odd record must not stop the writer
-            log.exception("prediction log: cannot encode a record of %s", record.request_id)
-            with self._lock:
-                self.dropped += 1
-            return None
-        return {k: v for k, v in row.items() if k in self._columns}
+    def _rows(self, batches: list[PredictionBatch]) -> list[dict[str, Any]]:
+        stats = strokes = None
+        if self._stats is not None:
+            shapes = {b.pixels.shape[1:] for b in batches}
+            if len(shapes) == 1:  # one vectorised pass over every queued image
+                pixels = np.concatenate([b.pixels for b in batches])
+                stats = self._stats.logged_statistics(pixels)
+                strokes = self._stats.stroke_thickness(pixels)
+            else:
+                parts = [
+                    (
+                        self._stats.logged_statistics(b.pixels),
+                        self._stats.stroke_thickness(b.pixels),
+                    )
+                    for b in batches
+                ]
+                stats = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+                strokes = np.concatenate([p[1] for p in parts])
+        rows = batch_rows(batches, stats, strokes)
+        if self._json_embedding:
+            for r in rows:
+                r["embedding"] = json.dumps(np.frombuffer(r["embedding"], "<f4").tolist())
+        drop = [k for k in rows[0] if k not in self._columns] if rows else []
+        if drop:
+            for r in rows:
+                for k in drop:
+                    del r[k]
+        return rows
+
+    def _done(self, written: int, dropped: int) -> None:
+        with self._idle:
+            self.written += written
+            self.dropped += dropped
+            self._pending -= written + dropped
+            self._idle.notify_all()
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         assert self._engine is not None
@@ -342,15 +445,13 @@ class PredictionLog:
                     conn.execute(predictions_table.insert(), rows)
             except sa.exc.SQLAlchemyError as exc:
                 if attempt == self.retries:
-                    with self._lock:
-                        self.dropped += len(rows)
                     log.error("prediction log: gave up on %d rows: %s", len(rows), exc)
+                    self._done(0, len(rows))
                     return
                 log.warning("prediction log write failed (attempt %d): %s", attempt, exc)
                 time.sleep(0.2 * attempt)
             else:
-                with self._lock:
-                    self.written += len(rows)
+                self._done(len(rows), 0)
                 return
 
 
@@ -375,8 +476,8 @@ def count_predictions(url: str) -> int:
 def read_predictions(url: str, decode: bool = True) -> Any:
     """The prediction log as a pandas DataFrame, oldest first.
 
-    With ``decode`` the JSON columns become Python objects: ``probabilities`` a dict and
-    ``embedding`` a float32 array per row.
+    With ``decode``, ``probabilities`` becomes a dict, ``embedding`` a float32 ``(D,)``
+    array and ``input_pixels`` the uint8 ``(H, W, C)`` model input of each row.
     """
     import pandas as pd
 
@@ -389,14 +490,20 @@ def read_predictions(url: str, decode: bool = True) -> Any:
         with engine.connect() as conn:
             if not sa.inspect(conn).has_table(predictions_table.name):
                 raise DataError(f"{safe_url(url)} has no '{predictions_table.name}' table")
-            df = pd.read_sql(sa.select(predictions_table).order_by(predictions_table.c.id), conn)
+            t = sa.Table(predictions_table.name, sa.MetaData(), autoload_with=conn)
+            df = pd.read_sql(sa.select(t).order_by(t.c.id), conn)
     except sa.exc.SQLAlchemyError as exc:
         raise DataError(f"cannot read the prediction log {safe_url(url)}: {exc}") from None
     finally:
         engine.dispose()
     if decode and len(df):
         df["probabilities"] = df["probabilities"].map(json.loads)
-        df["embedding"] = df["embedding"].map(lambda s: np.asarray(json.loads(s), np.float32))
+        df["embedding"] = df["embedding"].map(decode_embedding)
+        if "input_pixels" in df and "input_shape" in df:
+            df["input_pixels"] = [
+                decode_pixels(v, s)
+                for v, s in zip(df["input_pixels"], df["input_shape"], strict=True)
+            ]
     return df
 
 
@@ -419,17 +526,20 @@ class ExportResult:
 def export_predlog(url: str, out: str | Path, format: str = "parquet") -> ExportResult:
     """Write the whole prediction log to a Parquet or CSV file.
 
-    Parquet keeps ``embedding`` as a list of floats; CSV keeps both JSON columns as
-    JSON text. ``probabilities`` stays JSON text in both (class names vary by model).
+    Parquet keeps ``embedding`` as a list of floats and ``input_pixels`` as bytes; CSV
+    writes the embedding as JSON text and leaves ``input_pixels`` out (binary).
+    ``probabilities`` stays JSON text in both (class names vary by model).
     """
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"unknown export format {format!r}; choose parquet or csv")
     df = read_predictions(url, decode=False)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
+    emb = df["embedding"].map(decode_embedding)
     if format == "parquet":
-        df["embedding"] = df["embedding"].map(json.loads)
+        df["embedding"] = emb.map(lambda v: None if v is None else v.tolist())
         df.to_parquet(path, index=False)
     else:
-        df.to_csv(path, index=False)
+        df["embedding"] = emb.map(lambda v: None if v is None else json.dumps(v.tolist()))
+        df.drop(columns=[c for c in ("input_pixels",) if c in df]).to_csv(path, index=False)
     return ExportResult(path=path, rows=len(df), format=format)

@@ -7,20 +7,9 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse
-from starlette.concurrency import run_in_threadpool
 
-from visionops.config import ServeParams
 from visionops.serve.deps import ServiceDep, require_admin
-from visionops.serve.inputs import (
-    FILES_FIELD,
-    ApiError,
-    RawImage,
-    parse_instances,
-    prepare_file,
-    prepare_instance,
-    read_multipart,
-)
-from visionops.serve.model import LoadedModel
+from visionops.serve.inputs import FILES_FIELD, model_inputs
 from visionops.serve.schemas import (
     ErrorResponse,
     HealthResponse,
@@ -30,7 +19,7 @@ from visionops.serve.schemas import (
     ReadyResponse,
     ReloadResponse,
 )
-from visionops.serve.service import PreparedInputs, model_ref, prepare_batch
+from visionops.serve.service import PredictionService, model_ref
 
 STATIC_DIR = Path(__file__).with_name("static")
 
@@ -99,18 +88,6 @@ async def readyz(service: ServiceDep) -> ReadyResponse:
     return ReadyResponse(status="ready", model=model_ref(model))
 
 
-def _prepare_files(
-    files: list[RawImage], model: LoadedModel, limits: ServeParams
-) -> PreparedInputs:
-    pixels = [prepare_file(f, i, model.spec, limits.max_pixels) for i, f in enumerate(files)]
-    return prepare_batch(pixels, model)
-
-
-def _prepare_json(body: bytes, model: LoadedModel, limits: ServeParams) -> PreparedInputs:
-    pixels = [prepare_instance(a, model.spec) for a in parse_instances(body, limits)]
-    return prepare_batch(pixels, model)
-
-
 @router.post(
     "/v1/predict",
     response_model=PredictResponse,
@@ -118,31 +95,19 @@ def _prepare_json(body: bytes, model: LoadedModel, limits: ServeParams) -> Prepa
     openapi_extra=PREDICT_BODY,
     tags=["prediction"],
 )
-async def predict(request: Request, service: ServiceDep) -> PredictResponse:
+async def predict(request: Request) -> Response:
     """Classify images: multipart ``files`` (one or more) or JSON ``instances``.
 
     Predictions come back in input order. Images are decoded and preprocessed exactly
     as at training time (inversion of dark-on-light images, MNIST-style centring).
     """
+    service: PredictionService = request.app.state.service
     model = service.require_model()  # the same model preprocesses and scores this request
-    limits = service.settings.serve
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media == "multipart/form-data":
-        files = await read_multipart(request, limits)
-        inputs = await run_in_threadpool(_prepare_files, files, model, limits)
-    elif media == "application/json" or (
-        media.startswith("application/") and media.endswith("+json")
-    ):
-        body = await request.body()
-        inputs = await run_in_threadpool(_prepare_json, body, model, limits)
-    else:
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            f"content type {media or '(none)'!r} is not accepted; send multipart/form-data "
-            f"with field '{FILES_FIELD}' or application/json with 'instances'",
-        )
-    return await service.predict(model, inputs, request.state.request_id)
+    content_type = request.headers.get("content-type", "")
+    body = await request.body()
+    pixels = model_inputs(body, content_type, model.spec, service.settings.serve)
+    answer = await service.predict(model, pixels, request.state.request_id)
+    return Response(answer, media_type="application/json")
 
 
 @router.get("/v1/model", response_model=ModelInfo, responses=_errors(503), tags=["prediction"])

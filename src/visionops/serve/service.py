@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import orjson
 from starlette.concurrency import run_in_threadpool
 
 from visionops.config import ServeParams, load_params, load_settings
@@ -23,8 +24,8 @@ from visionops.serve.batching import MicroBatcher
 from visionops.serve.inputs import ApiError
 from visionops.serve.metrics import ServeMetrics
 from visionops.serve.model import LoadedModel, load_from_uri
-from visionops.serve.predlog import PredictionLog, PredictionRecord, now_utc
-from visionops.serve.schemas import ModelRef, Prediction, PredictResponse, ReloadResponse
+from visionops.serve.predlog import PredictionBatch, PredictionLog, now_utc
+from visionops.serve.schemas import ModelRef, ReloadResponse
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ class ServeSettings:
     admin_token: str | None = None
     predlog_url: str | None = None  # None: predictions are not logged
     threads: int | None = None  # ONNX Runtime intra-op threads; None = all usable cores
+    # Resolve models:/ URIs in a short-lived child process, so MLflow is never imported
+    # into (and never stays resident in) the serving process.
+    isolate_registry: bool = False
 
     @classmethod
     def from_environment(
@@ -68,16 +72,37 @@ def model_ref(model: LoadedModel) -> ModelRef:
     return ModelRef(name=model.name, version=model.version, alias=model.alias)
 
 
-@dataclass
-class PreparedInputs:
-    """Model-sized uint8 images (for statistics) and the normalised batch (for the model)."""
+def render_predictions(
+    model: LoadedModel,
+    probs: np.ndarray,
+    class_index: np.ndarray,
+    confidence: np.ndarray,
+    accepted: np.ndarray,
+) -> bytes:
+    """The :class:`PredictResponse` JSON of one request, built straight from the arrays.
 
-    pixels: list[np.ndarray]
-    x: np.ndarray
-
-
-def prepare_batch(pixels: list[np.ndarray], model: LoadedModel) -> PreparedInputs:
-    return PreparedInputs(pixels=pixels, x=normalize(np.stack(pixels), model.spec))
+    Same fields as the schema (a test holds them equal); orjson instead of pydantic
+    because this runs once per request on the hot path.
+    """
+    classes = model.classes
+    predictions = [
+        {
+            "label": classes[k],
+            "class_index": k,
+            "confidence": min(max(c, 0.0), 1.0),
+            "probabilities": dict(zip(classes, p, strict=True)),
+            "accepted": a,
+        }
+        for k, c, a, p in zip(
+            class_index.tolist(),
+            confidence.tolist(),
+            accepted.tolist(),
+            probs.tolist(),
+            strict=True,
+        )
+    ]
+    ref = {"name": model.name, "version": model.version, "alias": model.alias}
+    return orjson.dumps({"model": ref, "predictions": predictions})
 
 
 class PredictionService:
@@ -121,9 +146,7 @@ class PredictionService:
 
     async def _load_initial(self) -> None:
         try:
-            model = await run_in_threadpool(
-                load_from_uri, self.settings.model_uri, self.settings.threads
-            )
+            model = await run_in_threadpool(self._load)
         except VisionOpsError as exc:
             self.load_error = str(exc)
             log.error("cannot load %s: %s", self.settings.model_uri, exc)
@@ -133,6 +156,11 @@ class PredictionService:
             log.exception("cannot load %s", self.settings.model_uri)
             return
         self._install(model)
+
+    def _load(self) -> LoadedModel:
+        return load_from_uri(
+            self.settings.model_uri, self.settings.threads, isolated=self.settings.isolate_registry
+        )
 
     def _install(self, model: LoadedModel) -> None:
         self.model = model  # one reference assignment: requests see the old or the new
@@ -148,53 +176,37 @@ class PredictionService:
 
     # ------------------------------------------------------------------ predict
 
-    async def predict(
-        self, model: LoadedModel, inputs: PreparedInputs, request_id: str
-    ) -> PredictResponse:
-        """Score a prepared batch, record metrics and the prediction log, answer in order."""
-        rows = await self.batcher.predict(model, list(inputs.x))
-        threshold = self.settings.serve.confidence_threshold
-        created = now_utc()
-        predictions: list[Prediction] = []
-        records: list[PredictionRecord] = []
-        for i, (probs, emb) in enumerate(rows):
-            k = int(np.argmax(probs))
-            confidence = float(probs[k])
-            by_class = {c: float(p) for c, p in zip(model.classes, probs, strict=True)}
-            accepted = confidence >= threshold
-            label = model.classes[k]
-            predictions.append(
-                Prediction(
-                    label=label,
-                    class_index=k,
-                    confidence=min(max(confidence, 0.0), 1.0),
-                    probabilities=by_class,
+    async def predict(self, model: LoadedModel, pixels: np.ndarray, request_id: str) -> bytes:
+        """Score model-sized uint8 images ``(N, H, W, C)``; the JSON answer, in input order.
+
+        One micro-batched ONNX Runtime call, metrics and one prediction-log entry for the
+        whole request. Raises :class:`InferenceError` when the model fails.
+        """
+        x = normalize(pixels, model.spec)
+        probs, emb = await self.batcher.predict(model, x)
+        class_index = probs.argmax(axis=1)
+        confidence = probs[np.arange(len(probs)), class_index]
+        accepted = confidence >= self.settings.serve.confidence_threshold
+        body = render_predictions(model, probs, class_index, confidence, accepted)
+        self.metrics.observe_predictions(model.classes, class_index, confidence, accepted)
+        if self.predlog is not None:
+            self.predlog.submit(
+                PredictionBatch(
+                    created_at=now_utc(),
+                    request_id=request_id,
+                    model_name=model.name,
+                    model_version=model.version,
+                    model_alias=model.alias,
+                    classes=model.classes,
+                    class_index=class_index,
+                    confidence=confidence,
                     accepted=accepted,
+                    probabilities=probs,
+                    embeddings=emb,
+                    pixels=pixels,
                 )
             )
-            self.metrics.predictions.labels(label, str(accepted).lower()).inc()
-            self.metrics.confidence.observe(confidence)
-            if self.predlog is not None:
-                records.append(
-                    PredictionRecord(
-                        created_at=created,
-                        request_id=request_id,
-                        input_index=i,
-                        model_name=model.name,
-                        model_version=model.version,
-                        model_alias=model.alias,
-                        label=label,
-                        class_index=k,
-                        confidence=confidence,
-                        accepted=accepted,
-                        probabilities=by_class,
-                        embedding=emb.tolist(),
-                        pixels=inputs.pixels[i],
-                    )
-                )
-        if self.predlog is not None:
-            self.predlog.submit(records)
-        return PredictResponse(model=model_ref(model), predictions=predictions)
+        return body
 
     # ------------------------------------------------------------------ reload
 
@@ -203,9 +215,7 @@ class PredictionService:
         async with self._reload_lock:
             old = self.model
             try:
-                new = await run_in_threadpool(
-                    load_from_uri, self.settings.model_uri, self.settings.threads
-                )
+                new = await run_in_threadpool(self._load)
             except Exception as exc:
                 self.metrics.reloads.labels("refused").inc()
                 if not isinstance(exc, VisionOpsError):
