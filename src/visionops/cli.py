@@ -442,14 +442,27 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     params_file: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="server processes on the one port (default: the usable CPU cores); "
+            "metrics, the prediction log and reloads cover all of them"
+        ),
+    ] = None,
 ) -> None:
     """Serve the model over HTTP (FastAPI + ONNX Runtime); web page at /, docs at /docs."""
     from visionops.serve.app import run_server
+    from visionops.serve.model import default_threads
     from visionops.stages import check_overrides
 
     check_overrides("serve", set_ or [])
     run_server(
-        model_uri=model_uri, host=host, port=port, params_file=params_file, overrides=set_ or []
+        model_uri=model_uri,
+        host=host,
+        port=port,
+        params_file=params_file,
+        overrides=set_ or [],
+        workers=default_threads() if workers is None else workers,
     )
 
 

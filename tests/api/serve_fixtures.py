@@ -160,7 +160,11 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def server_process(
-    model_uri: Path | str, workdir: Path, env: dict[str, str] | None = None, threads: int = 1
+    model_uri: Path | str,
+    workdir: Path,
+    env: dict[str, str] | None = None,
+    threads: int = 1,
+    workers: int = 1,
 ) -> Iterator[ServerProcess]:
     """Start a real uvicorn server on 127.0.0.1 on a free port; stop it gracefully."""
     port = free_port()
@@ -168,7 +172,7 @@ def server_process(
         "import logging; logging.basicConfig(level='INFO');"
         "from visionops.serve.app import run_server;"
         f"run_server(model_uri={str(model_uri)!r}, host='127.0.0.1', port={port},"
-        f" threads={threads})"
+        f" threads={threads}, workers={workers})"
     )
     log_path = workdir / f"server-{port}.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

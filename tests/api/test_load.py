@@ -1,8 +1,10 @@
 """A bounded load test against a real uvicorn server in its own process.
 
 32 concurrent clients for ``VISIONOPS_LOAD_SECONDS`` (default 10; e.g. 30 for
-a longer run): no request may fail, and after a graceful SIGTERM the prediction log
-holds exactly one row per served prediction. The request rate is printed for
+a longer run) against two worker processes (``--workers 2``) writing one SQLite
+prediction log: no request may fail, the summed Prometheus counters match what the
+clients saw, and after a graceful SIGTERM the prediction log holds exactly one row per
+served prediction (no row lost, no "database is locked"). The request rate is printed for
 information only — speed is measured by ``make bench``, never asserted here.
 """
 
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from serve_fixtures import digit_png, server_process
 
 from visionops.serve.predlog import count_predictions
@@ -72,7 +75,8 @@ async def run_load(url: str, seconds: float, concurrency: int) -> LoadResult:
 def test_load_no_errors_and_every_prediction_logged(tiny_model_dir: Path, tmp_path: Path) -> None:
     seconds = float(os.environ.get("VISIONOPS_LOAD_SECONDS", "10"))
     url = f"sqlite:///{tmp_path / 'predictions.db'}"
-    with server_process(tiny_model_dir, tmp_path, env={"VISIONOPS_PREDLOG_URL": url}) as server:
+    env = {"VISIONOPS_PREDLOG_URL": url}
+    with server_process(tiny_model_dir, tmp_path, env=env, workers=2) as server:
         result = asyncio.run(run_load(server.url, seconds, CONCURRENCY))
         metrics = httpx.get(f"{server.url}/metrics").text
         # uvicorn re-raises SIGTERM after its graceful shutdown: exit 0 or -SIGTERM.
@@ -83,6 +87,22 @@ def test_load_no_errors_and_every_prediction_logged(tiny_model_dir: Path, tmp_pa
     # SIGTERM is a graceful shutdown: every prediction made it to the log.
     assert count_predictions(url) == result.predictions
     assert "visionops_batch_size_bucket" in metrics
+    assert "database is locked" not in server.log()
+    # Both workers answered, and the counters summed over them match the clients.
+    pids = {
+        line.split("[")[-1].split("]")[0]
+        for line in server.log().splitlines()
+        if "Started server process" in line
+    }
+    assert len(pids) == 2, server.log()[-2000:]
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics):
+        for s in family.samples:
+            if s.name == "visionops_http_requests_total" and s.labels["route"] == "/v1/predict":
+                totals[s.labels["status"]] = totals.get(s.labels["status"], 0) + s.value
+            elif s.name == "visionops_predictions_total":
+                totals["predictions"] = totals.get("predictions", 0) + s.value
+    assert totals == {"200": result.requests, "predictions": result.predictions}
     rate = result.requests / result.seconds
     print(
         f"\nload: {result.requests} requests ({result.predictions} predictions) in "

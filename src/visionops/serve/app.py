@@ -7,7 +7,11 @@ at import time, so tests can build several apps in one process.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,14 +25,16 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from visionops import __version__
-from visionops.errors import VisionOpsError
+from visionops.errors import ConfigError, VisionOpsError
 from visionops.serve.inputs import ApiError
-from visionops.serve.metrics import ServeMetrics
+from visionops.serve.metrics import ServeMetrics, mark_process_dead
 from visionops.serve.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from visionops.serve.model import LoadedModel
+from visionops.serve.predlog import ensure_predlog_table
 from visionops.serve.routes import STATIC_DIR, router
 from visionops.serve.schemas import PredictRequest, error_body
 from visionops.serve.service import PredictionService, ServeSettings
+from visionops.serve.workers import WorkerGroup
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +95,22 @@ def _install_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def create_app(settings: ServeSettings, model: LoadedModel | None = None) -> FastAPI:
+def create_app(
+    settings: ServeSettings,
+    model: LoadedModel | None = None,
+    *,
+    group: WorkerGroup | None = None,
+    generation: int = 0,
+) -> FastAPI:
     """A ready-to-run app; ``model`` is served at once, otherwise loaded in the background.
 
     Without ``model`` the app starts answering at once: /healthz is 200 and /readyz 503
-    until ``settings.model_uri`` is loaded.
+    until ``settings.model_uri`` is loaded. ``group``: the run folder this app shares
+    with the other worker processes (``--workers N``): reloads reach them all and
+    metrics are summed over them.
     """
-    metrics = ServeMetrics()
-    service = PredictionService(settings, metrics, model)
+    metrics = ServeMetrics(str(group.metrics_dir) if group is not None else None)
+    service = PredictionService(settings, metrics, model, group=group, generation=generation)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -105,6 +119,8 @@ def create_app(settings: ServeSettings, model: LoadedModel | None = None) -> Fas
             yield
         finally:
             await service.stop()
+            if group is not None:
+                mark_process_dead(str(group.metrics_dir), os.getpid())
 
     app = FastAPI(
         title="visionops prediction service",
@@ -131,6 +147,36 @@ def create_app(settings: ServeSettings, model: LoadedModel | None = None) -> Fas
     return app
 
 
+# The worker processes of `--workers N` read their settings from this variable (JSON).
+WORKER_ENV = "VISIONOPS_SERVE_WORKER"
+
+
+def create_worker_app() -> FastAPI:
+    """The app of one worker process of ``visionops serve --workers N`` (uvicorn factory).
+
+    Settings come from :data:`WORKER_ENV`, written by :func:`run_server`; the model is
+    the one the run folder names now (a worker restarted after a reload serves the
+    reloaded model).
+    """
+    from visionops.config import ServeParams
+    from visionops.serve.model import load_model
+
+    doc = json.loads(os.environ[WORKER_ENV])
+    logging.basicConfig(level=doc["log_level"], format="%(levelname)s %(name)s: %(message)s")
+    settings = ServeSettings(
+        model_uri=doc["model_uri"],
+        serve=ServeParams(**doc["serve"]),
+        admin_token=doc["admin_token"],
+        predlog_url=doc["predlog_url"],
+        threads=doc["threads"],
+        isolate_registry=True,
+    )
+    group = WorkerGroup(Path(doc["run_dir"]))
+    state = group.current()
+    model = load_model(state.model, threads=settings.threads)
+    return create_app(settings, model=model, group=group, generation=state.generation)
+
+
 def run_server(
     model_uri: str | None = None,
     host: str = "127.0.0.1",
@@ -138,35 +184,70 @@ def run_server(
     params_file: str | Path = "params.yaml",
     overrides: Sequence[str] = (),
     threads: int | None = None,
+    workers: int = 1,
 ) -> None:
     """Load the model (failing fast on a bad URI) and serve it with uvicorn until stopped.
 
+    ``workers`` > 1 runs that many processes on one port (uvicorn's supervisor), each
+    with ``threads`` (default: usable cores / workers) ONNX Runtime threads. Registry
+    URIs are resolved in a child process, so no server process keeps MLflow loaded.
     SIGINT/SIGTERM shut down gracefully: in-flight requests finish, queued predictions
-    are scored and the prediction log is drained before the process exits.
+    are scored and every worker's prediction-log rows are written before it exits.
+    Raises :class:`~visionops.errors.ConfigError` for ``workers`` < 1.
     """
     import uvicorn
 
-    from visionops.serve.model import load_from_uri
+    from visionops.serve.model import default_threads, load_model, resolve_model_uri
 
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1 (got {workers})")
     settings = ServeSettings.from_environment(model_uri, params_file, overrides, threads=threads)
-    model = load_from_uri(settings.model_uri, threads=settings.threads)
-    app = create_app(settings, model=model)
+    settings = dataclasses.replace(
+        settings,
+        isolate_registry=True,
+        threads=threads or max(1, default_threads() // workers),
+    )
+    resolved = resolve_model_uri(settings.model_uri, isolated=True)
+    model = load_model(resolved, threads=settings.threads)  # fails fast on a broken model
     log.info(
-        "serving %s (%s) from %s on http://%s:%d",
+        "serving %s (%s) from %s on http://%s:%d with %d worker(s)",
         model.name,
         f"version {model.version}" if model.version else f"sha256 {model.digest}",
         settings.model_uri,
         host,
         port,
+        workers,
     )
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_config=None,  # keep the CLI's logging configuration
-        access_log=False,  # RequestContextMiddleware logs each request with its id
-        timeout_graceful_shutdown=30,
-    )
+    common: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_config": None,  # keep the CLI's logging configuration
+        "access_log": False,  # RequestContextMiddleware logs each request with its id
+        "timeout_graceful_shutdown": 30,
+    }
+    if workers == 1:
+        uvicorn.run(create_app(settings, model=model), **common)
+        return
+    del model  # each worker loads its own
+    if settings.predlog_url:
+        ensure_predlog_table(settings.predlog_url)  # once, before N workers race to
+    with tempfile.TemporaryDirectory(prefix="visionops-serve-") as tmp:
+        group = WorkerGroup.create(Path(tmp), resolved)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(group.metrics_dir)
+        os.environ[WORKER_ENV] = json.dumps(
+            {
+                "model_uri": settings.model_uri,
+                "serve": settings.serve.model_dump(),
+                "admin_token": settings.admin_token,
+                "predlog_url": settings.predlog_url,
+                "threads": settings.threads,
+                "run_dir": tmp,
+                "log_level": logging.getLogger().getEffectiveLevel(),
+            }
+        )
+        uvicorn.run(
+            "visionops.serve.app:create_worker_app", factory=True, workers=workers, **common
+        )
 
 
-__all__ = ["ServeSettings", "create_app", "run_server"]
+__all__ = ["ServeSettings", "create_app", "create_worker_app", "run_server"]

@@ -6,10 +6,10 @@ When the model is idle the batch is scheduled for the very next turn of the even
 waits for a timer. While a batch is being scored the event loop is busy, so requests that
 arrive meanwhile queue up in the sockets and form the next batch, up to
 ``max_batch_size`` images (a request is never split between batches; one larger than
-``max_batch_size`` is scored in ``max_batch_size`` chunks): under load batches grow by themselves, at idle an image runs
-at once. ``max_wait_ms`` > 0 is an optional upper bound for deployments that prefer
-bigger batches over latency: a batch smaller than ``max_batch_size`` then waits at most
-that long for company.
+``max_batch_size`` is scored in ``max_batch_size`` chunks): under load batches grow by
+themselves, at idle an image runs at once. ``max_wait_ms`` > 0 is an optional upper
+bound for deployments that prefer bigger batches over latency: a batch smaller than
+``max_batch_size`` then waits at most that long for company.
 
 Scoring runs on the event loop's own thread. Measured on the project's benchmark
 (``benchmarks/bench_serve.py``), handing each batch to a worker thread cost more in GIL

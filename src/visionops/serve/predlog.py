@@ -455,6 +455,17 @@ class PredictionLog:
                 return
 
 
+def ensure_predlog_table(url: str) -> None:
+    """Create the ``predictions`` table at ``url`` if it is missing (idempotent)."""
+    engine = create_predlog_engine(url)
+    try:
+        metadata.create_all(engine)
+    except sa.exc.SQLAlchemyError as exc:
+        raise DataError(f"cannot open the prediction log {safe_url(url)}: {exc}") from None
+    finally:
+        engine.dispose()
+
+
 def now_utc() -> datetime:
     return datetime.now(UTC)
 

@@ -91,6 +91,11 @@ class ReloadResponse(_Schema):
     previous: ModelRef | None
     current: ModelRef
     changed: bool = Field(description="whether the served model is a different version/folder")
+    workers: int | None = Field(
+        default=None,
+        description="worker processes serving the new model when the answer was sent "
+        "(with `visionops serve --workers N`; null for a single process)",
+    )
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:

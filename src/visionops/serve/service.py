@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +24,15 @@ from visionops.errors import VisionOpsError
 from visionops.serve.batching import MicroBatcher
 from visionops.serve.inputs import ApiError
 from visionops.serve.metrics import ServeMetrics
-from visionops.serve.model import LoadedModel, load_from_uri
+from visionops.serve.model import LoadedModel, ResolvedModel, load_model, resolve_model_uri
 from visionops.serve.predlog import PredictionBatch, PredictionLog, now_utc
 from visionops.serve.schemas import ModelRef, ReloadResponse
+from visionops.serve.workers import ModelState, WorkerGroup
 
 log = logging.getLogger(__name__)
+
+# How long a reload waits for the other workers to serve the new model.
+RELOAD_WAIT_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -109,9 +114,16 @@ class PredictionService:
     """Serves one model at a time: micro-batched predictions, the log, atomic reloads."""
 
     def __init__(
-        self, settings: ServeSettings, metrics: ServeMetrics, model: LoadedModel | None = None
+        self,
+        settings: ServeSettings,
+        metrics: ServeMetrics,
+        model: LoadedModel | None = None,
+        group: WorkerGroup | None = None,
+        generation: int = 0,
     ) -> None:
         self.settings = settings
+        self.group = group  # the other worker processes, with --workers N
+        self.generation = generation  # of the group's model state this worker serves
         self.metrics = metrics
         self.batcher = MicroBatcher(
             settings.serve.max_batch_size,
@@ -123,6 +135,7 @@ class PredictionService:
         self.load_error: str | None = None
         self._reload_lock = asyncio.Lock()
         self._load_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         if model is not None:
             self._install(model)
 
@@ -133,13 +146,20 @@ class PredictionService:
         if self.predlog is not None:
             await run_in_threadpool(self.predlog.start)
         self.batcher.start()
+        loop = asyncio.get_running_loop()
         if self.model is None:
-            self._load_task = asyncio.get_running_loop().create_task(self._load_initial())
+            self._load_task = loop.create_task(self._load_initial())
+        if self.group is not None:
+            self.group.acknowledge(self.generation)
+            self._watch_task = loop.create_task(self.group.watch(self._follow))
 
     async def stop(self) -> None:
         """Finish queued predictions and write every logged row before returning."""
-        if self._load_task is not None and not self._load_task.done():
-            self._load_task.cancel()
+        for task in (self._load_task, self._watch_task):
+            if task is not None and not task.done():
+                task.cancel()
+        if self.group is not None:
+            self.group.leave()
         await self.batcher.stop()
         if self.predlog is not None:
             await run_in_threadpool(self.predlog.close)
@@ -157,10 +177,27 @@ class PredictionService:
             return
         self._install(model)
 
+    def _resolve(self) -> ResolvedModel:
+        return resolve_model_uri(self.settings.model_uri, isolated=self.settings.isolate_registry)
+
     def _load(self) -> LoadedModel:
-        return load_from_uri(
-            self.settings.model_uri, self.settings.threads, isolated=self.settings.isolate_registry
-        )
+        return load_model(self._resolve(), threads=self.settings.threads)
+
+    async def _follow(self, state: ModelState) -> None:
+        """Another worker reloaded: serve the model folder it published."""
+        if state.generation <= self.generation:
+            return
+        async with self._reload_lock:
+            try:
+                model = await run_in_threadpool(load_model, state.model, self.settings.threads)
+            except Exception:
+                log.exception("worker %d cannot load %s", os.getpid(), state.model.path)
+                return
+            self._install(model)
+            self.generation = state.generation
+            assert self.group is not None
+            self.group.acknowledge(state.generation)
+            log.info("worker %d now serves %s %s", os.getpid(), model.name, model.version)
 
     def _install(self, model: LoadedModel) -> None:
         self.model = model  # one reference assignment: requests see the old or the new
@@ -215,7 +252,8 @@ class PredictionService:
         async with self._reload_lock:
             old = self.model
             try:
-                new = await run_in_threadpool(self._load)
+                resolved = await run_in_threadpool(self._resolve)
+                new = await run_in_threadpool(load_model, resolved, self.settings.threads)
             except Exception as exc:
                 self.metrics.reloads.labels("refused").inc()
                 if not isinstance(exc, VisionOpsError):
@@ -229,6 +267,11 @@ class PredictionService:
                 ) from None
             self._install(new)
             self.metrics.reloads.labels("ok").inc()
+            workers = None
+            if self.group is not None:  # every other worker loads the same folder
+                self.generation = self.group.publish(resolved)
+                self.group.acknowledge(self.generation)
+                workers, _ = await self.group.wait_for(self.generation, RELOAD_WAIT_SECONDS)
             changed = old is None or (old.version, old.digest) != (new.version, new.digest)
             log.info(
                 "reloaded %s: %s -> %s",
@@ -237,5 +280,8 @@ class PredictionService:
                 new.version,
             )
             return ReloadResponse(
-                previous=model_ref(old) if old else None, current=model_ref(new), changed=changed
+                previous=model_ref(old) if old else None,
+                current=model_ref(new),
+                changed=changed,
+                workers=workers,
             )
