@@ -449,6 +449,9 @@ def serve(
             "metrics, the prediction log and reloads cover all of them"
         ),
     ] = None,
+    access_log: Annotated[
+        bool, typer.Option("--access-log", help="log one line per request (with its id)")
+    ] = False,
 ) -> None:
     """Serve the model over HTTP (FastAPI + ONNX Runtime); web page at /, docs at /docs."""
     from visionops.serve.app import run_server
@@ -463,6 +466,7 @@ def serve(
         params_file=params_file,
         overrides=set_ or [],
         workers=default_threads() if workers is None else workers,
+        access_log=access_log,
     )
 
 

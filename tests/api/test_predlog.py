@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import sqlite3
 from pathlib import Path
@@ -12,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
-from PIL import Image
 from serve_fixtures import digit_png
 
 from conftest import MakeClient
@@ -96,17 +93,19 @@ def test_log_writes_every_row_and_drains_on_close(tmp_path: Path) -> None:
     assert df["model_alias"][0] == "champion"
     assert (df["bbox_height"][0], df["bbox_width"][0]) == (20, 4)
     assert df["stroke_thickness"][0] == pytest.approx(3.5, abs=0.5)
-    thumb = Image.open(io.BytesIO(base64.b64decode(df["thumbnail"][0])))
-    np.testing.assert_array_equal(np.asarray(thumb), BAR[:, :, 0])
+    # The model-sized input, as binary uint8 H×W×C with its shape beside it.
+    assert df["input_shape"][0] == "28x28x1"
+    np.testing.assert_array_equal(df["input_pixels"][0], BAR)
+    assert df["embedding"][7].dtype == np.float32
 
 
 def test_table_without_the_optional_columns_still_gets_rows(tmp_path: Path) -> None:
-    """A log created before stroke_thickness/thumbnail existed keeps working."""
+    """A log created before stroke_thickness/input_pixels existed keeps working."""
     db = tmp_path / "old.db"
     kept = [
         c._copy()
         for c in predictions_table.columns
-        if c.name not in ("thumbnail", "stroke_thickness")
+        if c.name not in ("input_pixels", "input_shape", "stroke_thickness")
     ]
     engine = sa.create_engine(f"sqlite:///{db}")
     sa.Table("predictions", sa.MetaData(), *kept).create(engine)
@@ -117,6 +116,42 @@ def test_table_without_the_optional_columns_still_gets_rows(tmp_path: Path) -> N
     plog.close()
     assert plog.written == 5
     assert count_predictions(f"sqlite:///{db}") == 5
+
+
+def test_a_log_with_json_text_embeddings_keeps_json(tmp_path: Path) -> None:
+    """Logs created when embeddings were JSON text get JSON text; readers read both."""
+    db = tmp_path / "old.db"
+    columns = [
+        sa.Column("embedding", sa.Text, nullable=False) if c.name == "embedding" else c._copy()
+        for c in predictions_table.columns
+        if c.name not in ("input_pixels", "input_shape")
+    ]
+    engine = sa.create_engine(f"sqlite:///{db}")
+    sa.Table("predictions", sa.MetaData(), *columns).create(engine)
+    engine.dispose()
+    plog = PredictionLog(f"sqlite:///{db}")
+    plog.start()
+    plog.submit(record(i) for i in range(3))
+    plog.close()
+    with sqlite3.connect(db) as conn:
+        raw = conn.execute("SELECT embedding FROM predictions ORDER BY id").fetchall()
+    assert json.loads(raw[2][0]) == [2.0, 0.25]
+    np.testing.assert_allclose(read_predictions(f"sqlite:///{db}")["embedding"][2], [2.0, 0.25])
+
+
+def test_many_requests_are_written_in_few_transactions(tmp_path: Path) -> None:
+    """Rows queued within flush_seconds share one transaction (one per request is slow)."""
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    plog = PredictionLog(url, flush_seconds=1.0, batch_size=100)
+    plog.start()
+    commits: list[int] = []
+    assert plog._engine is not None
+    sa.event.listen(plog._engine, "commit", lambda conn: commits.append(1))
+    plog.submit(record(i) for i in range(250))
+    assert plog.flush(timeout=60)
+    plog.close()
+    assert count_predictions(url) == 250
+    assert len(commits) == 3  # 100 + 100 + 50 rows
 
 
 def test_sqlite_uses_wal(tmp_path: Path) -> None:
@@ -189,7 +224,8 @@ def test_every_served_prediction_is_logged(make_client: MakeClient, predlog_url:
     blank = df.iloc[-1]
     assert blank["ink_fraction"] == 0 and blank["mean_intensity"] == 0
     assert blank["stroke_thickness"] == 0
-    assert df["thumbnail"].notna().all()
+    assert (df["input_shape"] == "28x28x1").all()
+    assert all(p.shape == (28, 28, 1) and p.dtype == np.uint8 for p in df["input_pixels"])
     assert df["created_at"].notna().all()
 
 

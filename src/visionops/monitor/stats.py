@@ -58,23 +58,29 @@ def stroke_thickness(x: np.ndarray) -> np.ndarray:
     """Estimated stroke thickness in pixels of each image of a batch (0 for a blank image).
 
     The ink mask (pixels >= ``INK_THRESHOLD``, as in :func:`input_statistics`) goes
-    through a Euclidean distance transform; on the stroke's medial ridge (the pixels that
-    are a local maximum of the distance) the distance is about half the stroke width, so
-    the thickness is ``2 * mean(ridge distance) - 0.5``: within half a pixel of the width
-    of a straight bar (1.5 for bars 1 or 2 pixels wide, 3.5 for 3 or 4). Accepts
-    ``(H, W)``, ``(N, H, W)`` or ``(N, H, W, C)`` uint8 arrays.
+    through a Euclidean distance transform, with the area outside each image counted as
+    background; on the stroke's medial ridge (the pixels that are a local maximum of the
+    distance) the distance is about half the stroke width, so the thickness is
+    ``2 * mean(ridge distance) - 0.5``: within half a pixel of the width of a straight
+    bar (1.5 for bars 1 or 2 pixels wide, 3.5 for 3 or 4). Accepts ``(H, W)``,
+    ``(N, H, W)`` or ``(N, H, W, C)`` uint8 arrays.
+
+    The whole batch is one transform: the images, each framed by one background pixel,
+    are stacked into one tall mosaic. A pixel's nearest background is never in another
+    image (its own frame is nearer), so this equals one transform per image, at a
+    fraction of the cost (the prediction-log writer computes it for every served image).
     """
     from scipy import ndimage
 
     gray = _gray_batch(x)
-    ink = gray >= INK_THRESHOLD
-    n, h, w = ink.shape
+    n, h, w = gray.shape
     if n == 0:
         return np.zeros(0)
-    dist = np.zeros(ink.shape)
-    for i in range(n):  # per image: faster than one 3-D transform, and images stay apart
-        if ink[i].any():
-            dist[i] = ndimage.distance_transform_edt(ink[i])
+    framed = np.zeros((n, h + 2, w + 2), dtype=bool)
+    framed[:, 1:-1, 1:-1] = gray >= INK_THRESHOLD
+    dist = ndimage.distance_transform_edt(framed.reshape(n * (h + 2), w + 2))
+    dist = np.asarray(dist).reshape(n, h + 2, w + 2)[:, 1:-1, 1:-1]
+    ink = framed[:, 1:-1, 1:-1]
     ridge = ink & (dist >= ndimage.maximum_filter(dist, size=(1, 3, 3)))
     counts = ridge.sum(axis=(1, 2))
     sums = (dist * ridge).sum(axis=(1, 2))

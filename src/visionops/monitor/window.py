@@ -2,13 +2,12 @@
 
 :func:`load_window` reads the last ``N`` predictions, or those of a time range, from the
 ``predictions`` table (:mod:`visionops.serve.predlog`) with SQLAlchemy Core, so SQLite
-and PostgreSQL work alike. Optional columns (``stroke_thickness``, ``thumbnail``) are
-used when the table has them.
+and PostgreSQL work alike. Optional columns (``stroke_thickness``, the model input
+``input_pixels``, or the ``thumbnail`` of older logs) are used when the table has them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,7 +20,13 @@ from sqlalchemy.engine import Engine, make_url
 
 from visionops.errors import ConfigError, DataError
 from visionops.monitor.stats import STAT_NAMES
-from visionops.serve.predlog import create_predlog_engine, predictions_table, safe_url
+from visionops.serve.predlog import (
+    create_predlog_engine,
+    decode_embedding,
+    decode_pixels,
+    predictions_table,
+    safe_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +34,8 @@ log = logging.getLogger(__name__)
 MIN_WINDOW_ROWS = 30
 #: Upper bound on the rows one window may hold (memory and time stay bounded).
 MAX_WINDOW_ROWS = 200_000
-OPTIONAL_COLUMNS = ("stroke_thickness", "thumbnail")
+OPTIONAL_COLUMNS = ("stroke_thickness", "thumbnail", "input_pixels", "input_shape")
+_IMAGE_COLUMNS = ("thumbnail", "input_pixels", "input_shape")
 
 
 class InsufficientDataError(DataError):
@@ -116,22 +122,22 @@ def parse_time(value: str | datetime | None, name: str = "time") -> datetime | N
         ) from None
 
 
-def _decode_embeddings(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The JSON embedding lists as one float32 array; rows whose size differs from the
-    newest row's (another model answered them) are left out."""
-    if not texts:
+def _decode_embeddings(values: list[bytes | str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """The logged embeddings as one float32 array; rows whose size differs from the
+    newest row's (another model answered them) are left out.
+
+    Binary float32 values (:func:`visionops.serve.predlog.decode_embedding`) and the JSON
+    text of logs written before the column became binary are both read.
+    """
+    if not values:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-    try:
-        # One json.loads for all rows is several times faster than one per row.
-        rows = json.loads("[" + ",".join(texts) + "]")
-    except json.JSONDecodeError:
-        rows = []
-        for t in texts:
-            try:
-                rows.append(json.loads(t))
-            except json.JSONDecodeError:
-                rows.append(None)
-    sizes = [len(r) if isinstance(r, list) else -1 for r in rows]
+    rows: list[np.ndarray | None] = []
+    for v in values:
+        try:
+            rows.append(decode_embedding(v))
+        except (ValueError, TypeError):
+            rows.append(None)
+    sizes = [len(r) if r is not None else -1 for r in rows]
     dim = sizes[-1]
     keep = np.asarray([s == dim and s > 0 for s in sizes])
     if not keep.any():
@@ -139,7 +145,18 @@ def _decode_embeddings(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     kept = [r for r, k in zip(rows, keep, strict=True) if k]
     if not keep.all():
         log.warning("%d logged embedding(s) of another size left out", int((~keep).sum()))
-    return np.asarray(kept, dtype=np.float32), np.flatnonzero(keep).astype(np.int64)
+    return np.stack(kept).astype(np.float32), np.flatnonzero(keep).astype(np.int64)
+
+
+def _thumbnails(rows: list[Any]) -> list[str | None]:
+    """Base64 PNGs of the logged model inputs (``input_pixels``), or older ``thumbnail`` text."""
+    from visionops.monitor.stats import thumbnail_base64
+
+    out: list[str | None] = []
+    for r in rows:
+        pixels = decode_pixels(r.get("input_pixels"), r.get("input_shape"))
+        out.append(thumbnail_base64(pixels) if pixels is not None else r.get("thumbnail"))
+    return out
 
 
 def _engine_for(url: str) -> Engine:
@@ -196,7 +213,7 @@ def load_window(
             # columns (stroke_thickness, thumbnail) that are used when present.
             t = sa.Table(predictions_table.name, sa.MetaData(), autoload_with=conn)
             optional = [
-                c for c in OPTIONAL_COLUMNS if c in t.c and (thumbnails or c != "thumbnail")
+                c for c in OPTIONAL_COLUMNS if c in t.c and (thumbnails or c not in _IMAGE_COLUMNS)
             ]
             columns = [
                 t.c[name]
@@ -265,7 +282,9 @@ def load_window(
         embeddings=embeddings,
         embedding_rows=emb_rows,
         model_versions=tuple(versions),
-        thumbnails=[r["thumbnail"] for r in rows] if "thumbnail" in optional else None,
+        thumbnails=_thumbnails(rows)
+        if "thumbnail" in optional or "input_pixels" in optional
+        else None,
     )
 
 

@@ -19,7 +19,8 @@ from visionops.serve.metrics import ServeMetrics, method_label, status_label
 from visionops.serve.schemas import error_body
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("visionops.serve.access")
+ACCESS_LOGGER = "visionops.serve.access"
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 REQUEST_ID_HEADER = "x-request-id"
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -105,14 +106,15 @@ class RequestContextMiddleware:
             labels = (route, method_label(scope["method"]), status_label(status))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(elapsed)
-            access_log.info(
-                "%s %s %d %.1fms request_id=%s",
-                scope["method"],
-                scope["path"],
-                status,
-                elapsed * 1000,
-                request_id,
-            )
+            if access_log.isEnabledFor(logging.INFO):  # off unless --access-log
+                access_log.info(
+                    "%s %s %d %.1fms request_id=%s",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    elapsed * 1000,
+                    request_id,
+                )
 
 
 class BodySizeLimitMiddleware:

@@ -130,6 +130,10 @@ def _session(model_bytes: bytes, path: Path, threads: int) -> Any:
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    # Idle ORT threads sleep instead of spinning: a serving process is idle between
+    # requests, and spinning threads would take the CPU from the event loop and from
+    # the other workers (measured: 5 ms of CPU per request at concurrency 1 with it).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for invalid graphs

@@ -173,12 +173,54 @@ class PredictionBatch:
     class_index: np.ndarray  # (N,) int
     confidence: np.ndarray  # (N,) float
     accepted: np.ndarray  # (N,) bool
-    probabilities: np.ndarray  # (N, K) float32
+    probabilities: np.ndarray  # (N, K) float32, columns in the order of ``classes``
     embeddings: np.ndarray  # (N, D) float32
     pixels: np.ndarray  # (N, H, W, C) uint8
+    labels: tuple[str, ...] | None = None  # None: classes[class_index]
+    first_index: int = 0  # input_index of the first row
 
     def __len__(self) -> int:
         return len(self.class_index)
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    """One prediction to log (simulators, tests, imports); :meth:`to_batch` for the writer.
+
+    ``pixels`` is the model-sized uint8 input ``(H, W, C)``, ink high.
+    """
+
+    created_at: datetime
+    request_id: str
+    input_index: int
+    model_name: str
+    model_version: str | None
+    model_alias: str | None
+    label: str
+    class_index: int
+    confidence: float
+    accepted: bool
+    probabilities: dict[str, float]
+    embedding: list[float]
+    pixels: np.ndarray
+
+    def to_batch(self) -> PredictionBatch:
+        return PredictionBatch(
+            created_at=self.created_at,
+            request_id=self.request_id,
+            model_name=self.model_name,
+            model_version=self.model_version,
+            model_alias=self.model_alias,
+            classes=tuple(self.probabilities),
+            class_index=np.asarray([self.class_index]),
+            confidence=np.asarray([self.confidence], dtype=np.float64),
+            accepted=np.asarray([self.accepted]),
+            probabilities=np.asarray([list(self.probabilities.values())], dtype=np.float64),
+            embeddings=np.asarray([self.embedding], dtype=np.float32),
+            pixels=np.asarray(self.pixels, dtype=np.uint8)[None],
+            labels=(self.label,),
+            first_index=self.input_index,
+        )
 
 
 def batch_rows(
@@ -190,7 +232,7 @@ def batch_rows(
     rows: list[dict[str, Any]] = []
     at = 0
     for b in batches:
-        labels = [b.classes[int(k)] for k in b.class_index]
+        labels = b.labels or [b.classes[int(k)] for k in b.class_index]
         probs = b.probabilities.tolist()
         conf = b.confidence.tolist()
         acc = b.accepted.tolist()
@@ -202,7 +244,7 @@ def batch_rows(
             row: dict[str, Any] = {
                 "created_at": b.created_at,
                 "request_id": b.request_id,
-                "input_index": i,
+                "input_index": b.first_index + i,
                 "model_name": b.model_name,
                 "model_version": b.model_version,
                 "model_alias": b.model_alias,
@@ -293,19 +335,25 @@ class PredictionLog:
         batch_size: int = 1000,
         max_queue: int = 100_000,
         retries: int = 3,
-        monitor_stats: bool = True,
+        monitor_extras: bool = True,
+        flush_seconds: float = 0.05,
     ) -> None:
         self.url = url
-        self.monitor_stats = monitor_stats
+        # False: leave the optional stroke_thickness column NULL (as older servers did).
+        self.monitor_extras = monitor_extras
         self.batch_size = batch_size  # rows per transaction, about
         self.max_queue = max_queue  # rows waiting; past it new rows are dropped and counted
         self.retries = retries
+        # Rows wait up to this long for company: one transaction per interval instead of
+        # one per request (a one-row SQLite transaction costs about 1 ms of CPU).
+        self.flush_seconds = flush_seconds
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._engine: Engine | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._stats: _MonitorStats | None = None
+        self._table = predictions_table
         self._columns: frozenset[str] = frozenset()
         self._json_embedding = False
         self._pending = 0
@@ -334,7 +382,19 @@ class PredictionLog:
         missing = {c.name for c in predictions_table.columns} - self._columns
         if missing:
             log.warning("prediction log table lacks columns %s: not logged", sorted(missing))
-        self._stats = _MonitorStats.load() if self.monitor_stats else None
+        self._stats = _MonitorStats.load()
+        self._table = predictions_table
+        if self._json_embedding:
+            self._table = sa.Table(
+                predictions_table.name,
+                sa.MetaData(),
+                *(
+                    sa.Column("embedding", sa.Text, nullable=False)
+                    if c.name == "embedding"
+                    else c._copy()
+                    for c in predictions_table.columns
+                ),
+            )
         self._thread = threading.Thread(target=self._run, name="predlog-writer", daemon=True)
         self._thread.start()
         log.info("prediction log at %s", safe_url(self.url))
@@ -344,9 +404,10 @@ class PredictionLog:
         """Rows queued and not yet written."""
         return self._pending
 
-    def submit(self, batch: PredictionBatch | Iterable[PredictionBatch]) -> None:
+    def submit(self, batch: PredictionBatch | Iterable[PredictionBatch | PredictionRecord]) -> None:
         """Queue rows for writing; never blocks (past ``max_queue`` rows: dropped, counted)."""
-        for b in [batch] if isinstance(batch, PredictionBatch) else batch:
+        for item in [batch] if isinstance(batch, PredictionBatch) else batch:
+            b = item.to_batch() if isinstance(item, PredictionRecord) else item
             n = len(b)
             with self._lock:
                 if self._pending + n > self.max_queue:
@@ -379,9 +440,10 @@ class PredictionLog:
         while not stop:
             batches = [self._queue.get()]
             rows = len(batches[0]) if batches[0] is not _STOP else 0
+            deadline = time.monotonic() + self.flush_seconds
             while batches[-1] is not _STOP and rows < self.batch_size:
                 try:
-                    item = self._queue.get_nowait()
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
                 batches.append(item)
@@ -402,23 +464,19 @@ class PredictionLog:
         self._write(rows)
 
     def _rows(self, batches: list[PredictionBatch]) -> list[dict[str, Any]]:
-        stats = strokes = None
-        if self._stats is not None:
-            shapes = {b.pixels.shape[1:] for b in batches}
-            if len(shapes) == 1:  # one vectorised pass over every queued image
-                pixels = np.concatenate([b.pixels for b in batches])
-                stats = self._stats.logged_statistics(pixels)
-                strokes = self._stats.stroke_thickness(pixels)
-            else:
-                parts = [
-                    (
-                        self._stats.logged_statistics(b.pixels),
-                        self._stats.stroke_thickness(b.pixels),
-                    )
-                    for b in batches
-                ]
-                stats = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
-                strokes = np.concatenate([p[1] for p in parts])
+        st = self._stats
+        assert st is not None
+        extras = self.monitor_extras and "stroke_thickness" in self._columns
+        groups: dict[tuple[int, ...], list[PredictionBatch]] = {}
+        for b in batches:
+            groups.setdefault(b.pixels.shape[1:], []).append(b)
+        if len(groups) > 1:  # rows keep their order; each shape is one vectorised pass
+            return [r for b in batches for r in self._rows([b])]
+        pixels = (
+            batches[0].pixels if len(batches) == 1 else np.concatenate([b.pixels for b in batches])
+        )
+        stats = st.logged_statistics(pixels)
+        strokes = st.stroke_thickness(pixels) if extras else None
         rows = batch_rows(batches, stats, strokes)
         if self._json_embedding:
             for r in rows:
@@ -442,7 +500,7 @@ class PredictionLog:
         for attempt in range(1, self.retries + 1):
             try:
                 with self._engine.begin() as conn:
-                    conn.execute(predictions_table.insert(), rows)
+                    conn.execute(self._table.insert(), rows)
             except sa.exc.SQLAlchemyError as exc:
                 if attempt == self.retries:
                     log.error("prediction log: gave up on %d rows: %s", len(rows), exc)
