@@ -231,7 +231,7 @@ class GateParams(StrictModel):
 class ServeParams(StrictModel):
     confidence_threshold: float = Field(default=0.7, ge=0.0, le=1.0)
     max_batch_size: int = Field(default=32, ge=1)
-    max_wait_ms: float = Field(default=2.0, ge=0.0)
+    max_wait_ms: float = Field(default=0.0, ge=0.0)
     max_body_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
     max_files: int = Field(default=64, ge=1)
     max_pixels: int = Field(default=16_000_000, ge=64)

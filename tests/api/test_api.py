@@ -424,9 +424,8 @@ def test_micro_batcher_batches_concurrent_requests_without_waiting(
     x = rng.standard_normal((10, 1, 28, 28)).astype(np.float32)
 
     async def scenario() -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
-        # A 10 s max_wait_ms would show up as a 10 s test if anything waited for it
-        # while the batch is full; max_batch_size 4 splits the 3+3+4 images into calls
-        # without splitting a request between calls.
+        # max_batch_size 4: the 3+3+4 images become three calls (a request is never
+        # split between calls); the lone image afterwards runs at once, by itself.
         batcher = MicroBatcher(max_batch_size=4, max_wait_ms=0, on_batch=sizes.append)
         batcher.start()
         try:

@@ -142,7 +142,7 @@ def _decode_embeddings(values: list[bytes | str | None]) -> tuple[np.ndarray, np
     keep = np.asarray([s == dim and s > 0 for s in sizes])
     if not keep.any():
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-    kept = [r for r, k in zip(rows, keep, strict=True) if k]
+    kept = [r for r, k in zip(rows, keep, strict=True) if k and r is not None]
     if not keep.all():
         log.warning("%d logged embedding(s) of another size left out", int((~keep).sum()))
     return np.stack(kept).astype(np.float32), np.flatnonzero(keep).astype(np.int64)

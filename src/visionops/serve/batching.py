@@ -125,7 +125,8 @@ class MicroBatcher:
 
     def _take(self) -> list[_Item]:
         """The oldest pending requests up to ``max_batch_size`` images (at least one)."""
-        taken, images = [], 0
+        taken: list[_Item] = []
+        images = 0
         while self._pending:
             n = len(self._pending[0].x)
             if taken and images + n > self.max_batch_size:
