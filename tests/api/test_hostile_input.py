@@ -434,3 +434,33 @@ def test_oversize_bodies_over_real_http(tiny_model_dir: Path, tmp_path: Path) ->
             assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
             ok = client.post("/v1/predict", files=[("files", ("ok.png", _PNG, "image/png"))])
             assert ok.status_code == 200
+
+
+@pytest.mark.slow
+def test_a_client_that_sends_everything_before_reading_gets_the_413(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """urllib writes the whole 6 MB body before it reads: it must read a JSON 413, not a
+    connection reset (the server reads and discards the body before closing)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    (tmp_path / "params.yaml").write_text("serve:\n  max_body_bytes: 5242880\n")
+    env = {"VISIONOPS_PREDLOG_URL": f"sqlite:///{tmp_path / 'p.db'}"}
+    with server_process(tiny_model_dir, tmp_path, env=env) as server:
+        for _ in range(3):
+            request = urllib.request.Request(
+                f"{server.url}/v1/predict",
+                data=b"\x00" * (6 * 1024 * 1024),
+                headers={"Content-Type": "multipart/form-data; boundary=x"},
+                method="POST",
+            )
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(request, timeout=60)
+            assert caught.value.code == 413
+            assert json.loads(caught.value.read())["error"]["code"] == "payload_too_large"
+        r = httpx.post(
+            f"{server.url}/v1/predict", files=[("files", ("a.png", digit_png(), "image/png"))]
+        )
+        assert r.status_code == 200
