@@ -14,6 +14,7 @@ from serve_fixtures import digit_png
 
 from conftest import MakeClient
 from visionops.errors import ConfigError, DataError
+from visionops.monitor.window import load_window
 from visionops.serve.predlog import (
     InputStats,
     PredictionLog,
@@ -223,7 +224,11 @@ def test_every_served_prediction_is_logged(make_client: MakeClient, predlog_url:
     assert (df["ink_fraction"][:6] > 0).all() and (df["bbox_height"][:6] > 0).all()
     blank = df.iloc[-1]
     assert blank["ink_fraction"] == 0 and blank["mean_intensity"] == 0
-    assert blank["stroke_thickness"] == 0
+    # The server leaves stroke_thickness to the monitor, which reads the logged input.
+    assert df["stroke_thickness"].isna().all()
+    window = load_window(predlog_url, 7, min_rows=1)
+    strokes = window.stats["stroke_thickness"]
+    assert strokes[-1] == 0 and (strokes[:6] >= 1).all()
     assert (df["input_shape"] == "28x28x1").all()
     assert all(p.shape == (28, 28, 1) and p.dtype == np.uint8 for p in df["input_pixels"])
     assert df["created_at"].notna().all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -297,6 +298,8 @@ def test_rows_without_stroke_thickness_are_left_out_of_that_test(tmp_path: Path)
     url = f"sqlite:///{tmp_path / 'mixed.db'}"
     start = datetime(2025, 3, 2, tzinfo=UTC)
     log_rows(url, 40, start, extras=False)
+    with sqlite3.connect(tmp_path / "mixed.db") as conn:  # nor the logged input to derive it
+        conn.execute("UPDATE predictions SET input_pixels = NULL")
     log_rows(url, 35, start + timedelta(minutes=5))
     w = load_window(url, 75)
     assert np.isnan(w.stats["stroke_thickness"][:40]).all()

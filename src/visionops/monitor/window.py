@@ -35,7 +35,6 @@ MIN_WINDOW_ROWS = 30
 #: Upper bound on the rows one window may hold (memory and time stay bounded).
 MAX_WINDOW_ROWS = 200_000
 OPTIONAL_COLUMNS = ("stroke_thickness", "thumbnail", "input_pixels", "input_shape")
-_IMAGE_COLUMNS = ("thumbnail", "input_pixels", "input_shape")
 
 
 class InsufficientDataError(DataError):
@@ -148,6 +147,35 @@ def _decode_embeddings(values: list[bytes | str | None]) -> tuple[np.ndarray, np
     return np.stack(kept).astype(np.float32), np.flatnonzero(keep).astype(np.int64)
 
 
+def _strokes_from_pixels(rows: Any) -> np.ndarray | None:
+    """Stroke thickness of every row that logged its model input (NaN for the others).
+
+    The server stores the input (``input_pixels``) and leaves this statistic to the
+    monitor: one vectorised pass per input shape here instead of one per request there.
+    None when no row has its input.
+    """
+    from visionops.monitor.stats import stroke_thickness
+
+    if not rows or "input_pixels" not in rows[0]:
+        return None
+    by_shape: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r["input_pixels"] is not None and r.get("input_shape"):
+            by_shape.setdefault(r["input_shape"], []).append(i)
+    if not by_shape:
+        return None
+    out = np.full(len(rows), np.nan)
+    for shape, idx in by_shape.items():
+        try:
+            decoded = [decode_pixels(rows[i]["input_pixels"], shape) for i in idx]
+            pixels = np.stack([d for d in decoded if d is not None])
+        except (ValueError, DataError):
+            log.warning("%d logged input(s) do not match their shape %s", len(idx), shape)
+            continue
+        out[idx] = stroke_thickness(pixels)
+    return out
+
+
 def _thumbnails(rows: list[Any]) -> list[str | None]:
     """Base64 PNGs of the logged model inputs (``input_pixels``), or older ``thumbnail`` text."""
     from visionops.monitor.stats import thumbnail_base64
@@ -213,7 +241,9 @@ def load_window(
             # columns (stroke_thickness, thumbnail) that are used when present.
             t = sa.Table(predictions_table.name, sa.MetaData(), autoload_with=conn)
             optional = [
-                c for c in OPTIONAL_COLUMNS if c in t.c and (thumbnails or c not in _IMAGE_COLUMNS)
+                c
+                for c in OPTIONAL_COLUMNS
+                if c in t.c and (thumbnails or c != "thumbnail")  # input_pixels: always
             ]
             columns = [
                 t.c[name]
@@ -267,6 +297,10 @@ def load_window(
         for name in STAT_NAMES
         if name in rows[0] and any(r[name] is not None for r in rows)
     }
+    strokes = _strokes_from_pixels(rows)
+    if strokes is not None:
+        logged = stats.get("stroke_thickness", np.full(len(rows), np.nan))
+        stats["stroke_thickness"] = np.where(np.isnan(logged), strokes, logged)
     first = 0 if max_embeddings is None else max(0, len(rows) - max_embeddings)
     embeddings, emb_rows = _decode_embeddings([r["embedding"] for r in rows[first:]])
     emb_rows += first
@@ -283,7 +317,7 @@ def load_window(
         embedding_rows=emb_rows,
         model_versions=tuple(versions),
         thumbnails=_thumbnails(rows)
-        if "thumbnail" in optional or "input_pixels" in optional
+        if thumbnails and ("thumbnail" in optional or "input_pixels" in optional)
         else None,
     )
 

@@ -130,7 +130,13 @@ class PredictionService:
             settings.serve.max_wait_ms,
             on_batch=metrics.batch_size.observe,
         )
-        self.predlog = PredictionLog(settings.predlog_url) if settings.predlog_url else None
+        # stroke_thickness is left to the monitor, which computes it from the logged
+        # input (visionops.monitor.window): it was half of the writer's CPU per row.
+        self.predlog = (
+            PredictionLog(settings.predlog_url, monitor_extras=False)
+            if settings.predlog_url
+            else None
+        )
         self.model: LoadedModel | None = None
         self.load_error: str | None = None
         self._reload_lock = asyncio.Lock()
