@@ -35,7 +35,7 @@ from visionops.serve.middleware import (
 )
 from visionops.serve.model import LoadedModel
 from visionops.serve.predlog import ensure_predlog_table
-from visionops.serve.routes import STATIC_DIR, router
+from visionops.serve.routes import PREDICT_ROUTE, STATIC_DIR, predict_docs, router
 from visionops.serve.schemas import PredictRequest, error_body
 from visionops.serve.service import PredictionService, ServeSettings
 from visionops.serve.workers import WorkerGroup
@@ -87,7 +87,10 @@ def _install_openapi(app: FastAPI) -> None:
         if app.openapi_schema:
             return app.openapi_schema
         schema = get_openapi(
-            title=app.title, version=app.version, description=app.description, routes=app.routes
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=[*app.routes, *predict_docs.routes],
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components["PredictRequest"] = PredictRequest.model_json_schema(
@@ -137,6 +140,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = service
+    app.router.routes.insert(0, PREDICT_ROUTE)  # first: matched before any other route
     app.include_router(router)
     from visionops.monitor.api import install_monitoring
 

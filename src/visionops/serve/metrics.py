@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from prometheus_client import (
@@ -118,6 +119,16 @@ class ServeMetrics:
             multiprocess_mode="livesum",
         )
         self._model_labels: tuple[str, str, str, str] | None = None
+        # Labelled children by label values: .labels() validates and locks on every call.
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once per label combination."""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def set_model(self, name: str, version: str | None, alias: str | None, digest: str) -> None:
         labels = (name, version or "", alias or "", digest)
@@ -140,7 +151,7 @@ class ServeMetrics:
         """Count one request's predictions: one increment per (label, accepted) pair."""
         pairs = Tally(zip(class_index.tolist(), accepted.tolist(), strict=True))
         for (k, ok), n in pairs.items():
-            self.predictions.labels(classes[k], "true" if ok else "false").inc(n)
+            self.child(self.predictions, classes[k], "true" if ok else "false").inc(n)
         for c in confidence.tolist():
             self.confidence.observe(c)
 

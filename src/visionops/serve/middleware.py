@@ -104,8 +104,8 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - start
             route = _route_label(scope)
             labels = (route, method_label(scope["method"]), status_label(status))
-            self.metrics.requests.labels(*labels).inc()
-            self.metrics.latency.labels(*labels).observe(elapsed)
+            self.metrics.child(self.metrics.requests, *labels).inc()
+            self.metrics.child(self.metrics.latency, *labels).observe(elapsed)
             if access_log.isEnabledFor(logging.INFO):  # off unless --access-log
                 access_log.info(
                     "%s %s %d %.1fms request_id=%s",
