@@ -174,25 +174,24 @@ def process_rss_mb(pid: int) -> list[float]:
 PEERS_VENV = REPO / "benchmarks" / ".venv-peers"
 PEER_PACKAGES = ("litserve==0.2.19", "bentoml==1.4.40")
 # The product's own pins of what the peers share with it (read from constraints.txt).
-SHARED_PINS = ("numpy", "pillow", "onnxruntime", "orjson", "uvicorn", "python-multipart")
+SHARED_PINS = ("numpy", "scipy", "pillow", "onnxruntime", "orjson", "uvicorn", "python-multipart")
 
 
 def peers_python() -> Path:
-    """The peer frameworks' interpreter; the virtualenv is created on first use."""
+    """The peer frameworks' interpreter; the virtualenv is (re)created when pins change."""
     python = PEERS_VENV / "bin" / "python"
     marker = PEERS_VENV / ".installed"
-    wanted = " ".join(PEER_PACKAGES)
-    if marker.is_file() and marker.read_text() == wanted:
-        return python
     pins = {
         line.split("==")[0].lower(): line.strip()
         for line in (REPO / "constraints.txt").read_text().splitlines()
         if "==" in line and not line.startswith("#")
     }
-    shared = [pins[name] for name in SHARED_PINS if name in pins]
+    wanted = [*PEER_PACKAGES, *(pins[name] for name in SHARED_PINS if name in pins)]
+    if marker.is_file() and marker.read_text() == " ".join(wanted):
+        return python
     subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES, *shared], check=True)
-    marker.write_text(wanted)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *wanted], check=True)
+    marker.write_text(" ".join(wanted))
     return python
 
 
