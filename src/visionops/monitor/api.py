@@ -82,27 +82,37 @@ def _predlog_disabled() -> JSONResponse:
 
 
 class MonitoringMetrics:
-    """Drift gauges and the feedback counter, in the app's registry."""
+    """Drift gauges and the feedback counter, in the app's registry.
+
+    With several worker processes the gauges report the most recent check, whichever
+    worker ran it (prometheus-client's ``mostrecent`` multiprocess mode).
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.score = Gauge(
             "visionops_drift_score",
             "Largest drift test score of the last checked window (>= 1 means drift).",
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.detected = Gauge(
-            "visionops_drift_detected", "1 when the last checked window drifted.", registry=registry
+            "visionops_drift_detected",
+            "1 when the last checked window drifted.",
+            registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.window_size = Gauge(
             "visionops_drift_window_size",
             "Predictions in the last checked window.",
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.p_value = Gauge(
             "visionops_drift_test_p_value",
             "p-value of each drift test on the last checked window.",
             ["test"],
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.feedback = Counter(
             "visionops_feedback",
