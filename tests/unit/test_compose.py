@@ -245,8 +245,16 @@ def test_dashboard_label_values_match_the_service() -> None:
     # The service writes accepted/correct as "true"/"false" and routes as templates.
     assert 'accepted="true"' in exprs and 'correct="true"' in exprs
     assert 'route="/v1/predict"' in exprs
-    service_code = (REPO / "src" / "visionops" / "serve" / "service.py").read_text()
-    assert "str(accepted).lower()" in service_code
+    import numpy as np
+
+    from visionops.serve.metrics import ServeMetrics
+
+    metrics = ServeMetrics()
+    metrics.observe_predictions(
+        ("a", "b"), np.array([0, 1]), np.array([0.9, 0.2]), np.array([True, False])
+    )
+    text = metrics.render().decode()
+    assert 'accepted="true"' in text and 'accepted="false"' in text
 
 
 def test_docker_compose_config_when_docker_is_installed() -> None:
