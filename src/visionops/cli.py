@@ -576,11 +576,20 @@ def monitor_check(
     predlog_url: PredlogOpt = None,
     webhook: Annotated[
         str | None,
-        typer.Option(help="POST a JSON alert here on drift (default: VISIONOPS_ALERT_WEBHOOK)"),
+        typer.Option(help="POST a JSON alert here on an alarm (default: VISIONOPS_ALERT_WEBHOOK)"),
     ] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="print the full report")] = False,
+    confidence_threshold: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="the server's serve.confidence_threshold (default: params.yaml's)",
+        ),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print the full verdict")] = False,
 ) -> None:
-    """Test recent predictions for drift: exit 0 without drift, 1 with drift, 2 on bad input."""
+    """Check recent predictions: exit 0 without an alarm (data drift alone is a warning),
+    1 on an alarm (a risk to the model's performance), 2 on bad input."""
     from visionops.config import load_settings
     from visionops.monitor.check import run_check
 
@@ -592,14 +601,29 @@ def monitor_check(
         webhook or settings.webhook_url,
         since=since,
         until=until,
+        confidence_threshold=_serving_threshold(confidence_threshold),
     )
     if json_output:
-        _print_json(result.report.to_dict())
+        _print_json(result.verdict.to_dict())
     else:
         out.print(result.describe())
+        for reason in result.verdict.performance.reasons:
+            out.print(f"  alarm: {reason}", highlight=False)
         for test in result.report.drifted:
-            out.print(f"  {test.verdict}", highlight=False)
+            out.print(f"  data drift: {test.verdict}", highlight=False)
     raise typer.Exit(result.exit_code)
+
+
+def _serving_threshold(value: float | None) -> float:
+    """``value``, else params.yaml's ``serve.confidence_threshold`` (its default without
+    a params.yaml)."""
+    from visionops.config import ServeParams, load_params
+
+    if value is not None:
+        return value
+    if Path("params.yaml").is_file():
+        return load_params("params.yaml").serve.confidence_threshold
+    return ServeParams().confidence_threshold
 
 
 @monitor_app.command("report")
@@ -612,6 +636,14 @@ def monitor_report(
         "reports/monitoring.html"
     ),
     history: Annotated[int, typer.Option(help="windows in the drift-over-time plot")] = 12,
+    confidence_threshold: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="the server's serve.confidence_threshold (default: params.yaml's)",
+        ),
+    ] = None,
 ) -> None:
     """Write the self-contained HTML monitoring report (also served at /monitoring)."""
     from visionops.config import load_settings
@@ -624,6 +656,7 @@ def monitor_report(
         output,
         window,
         history_windows=history,
+        confidence_threshold=_serving_threshold(confidence_threshold),
     )
     out.print(result.describe())
 

@@ -226,6 +226,19 @@ class GateParams(StrictModel):
     mcnemar_alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
     latency_budget_ms: float = Field(default=10.0, gt=0.0, description="p95 at batch 1")
     parity_atol: float = Field(default=1e-4, gt=0.0)
+    max_ece: float = Field(
+        default=0.02,
+        gt=0.0,
+        le=1.0,
+        description="largest test ECE a challenger may have (monitoring's CBPE needs it)",
+    )
+
+
+class ExportParams(StrictModel):
+    temperature_scaling: bool = Field(
+        default=True,
+        description="fit a softmax temperature on the validation split (in the ONNX graph)",
+    )
 
 
 class ServeParams(StrictModel):
@@ -244,6 +257,7 @@ class Params(StrictModel):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     registry: RegistryParams = RegistryParams()
+    export: ExportParams = ExportParams()
     gate: GateParams = GateParams()
     serve: ServeParams = ServeParams()
     tune: TuneParams = TuneParams()

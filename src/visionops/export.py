@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import subprocess
 import time
@@ -133,26 +134,44 @@ def git_sha(root: Path) -> str | None:
 # --------------------------------------------------------------------------- torch side
 
 
-def export_module(model: nn.Module) -> nn.Module:
-    """Wrap a zoo model so one graph returns ``(softmax probabilities, embedding)``.
+def export_module(model: nn.Module, temperature: float = 1.0) -> nn.Module:
+    """Wrap a zoo model so one graph returns ``(softmax(logits / T) probabilities, embedding)``.
 
     Uses the zoo contract ``forward(x) == head(forward_features(x))``: the head is
-    applied to the embedding so the features are computed once.
+    applied to the embedding so the features are computed once. ``temperature`` is the
+    fitted temperature scaling (:mod:`visionops.calibration`; 1.0 = none), a constant in
+    the graph, so serving applies it without knowing of it.
     """
     import torch
 
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ModelError(f"temperature must be a positive number, got {temperature}")
+
     class ProbabilitiesAndEmbedding(torch.nn.Module):
-        def __init__(self, inner: Any) -> None:
+        def __init__(self, inner: Any, t: float) -> None:
             super().__init__()
             self.inner = inner
+            self.register_buffer("inv_temperature", torch.tensor(1.0 / t, dtype=torch.float32))
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             features = self.inner.forward_features(x)
             head = getattr(self.inner, "head", None)
             logits = head(features) if callable(head) else self.inner(x)
-            return torch.softmax(logits, dim=1), features
+            return torch.softmax(logits * self.inv_temperature, dim=1), features
 
-    return ProbabilitiesAndEmbedding(model).eval()
+    return ProbabilitiesAndEmbedding(model, temperature).eval()
+
+
+def validation_logits(model: nn.Module, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """Logits (N, K) float64 of ``model`` on normalised ``x`` (N, C, H, W), in batches."""
+    import torch
+
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            out.append(model(torch.from_numpy(x[i : i + batch_size])).double().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0))
 
 
 def export_onnx(module: nn.Module, example: np.ndarray, path: Path, opset: int = OPSET) -> str:
@@ -281,8 +300,31 @@ def run_export(params: Params, layout: Layout) -> ExportResult:
     if len(x_test) == 0:
         raise DataError(f"{layout.split_npz('test')}: the test split is empty")
     x = normalize(x_test[:PARITY_SAMPLES], spec)
+    x_val, y_val = load_split(layout.split_npz("val"))
 
-    module = export_module(model)
+    calibration: dict[str, Any] = {"method": "none", "temperature": 1.0}
+    if params.export.temperature_scaling:
+        from visionops.calibration import fit_temperature
+
+        if len(x_val) == 0:
+            raise DataError(
+                f"{layout.split_npz('val')}: the validation split is empty; temperature "
+                "scaling needs it (set export.temperature_scaling: false to skip it)"
+            )
+        fit = fit_temperature(
+            validation_logits(model, normalize(x_val, spec)),
+            y_val,
+            params.evaluate.calibration_bins,
+        )
+        calibration = fit.to_dict()
+        log.info(
+            "temperature scaling: T = %.3f, validation ECE %.4f -> %.4f",
+            fit.temperature,
+            fit.ece_before,
+            fit.ece_after,
+        )
+
+    module = export_module(model, float(calibration["temperature"]))
     # Build the folder beside the real one and swap it in only when parity holds, so a
     # failed export never leaves a half-written model where serving looks for one.
     staging = layout.export_dir.with_name(layout.export_dir.name + ".tmp")
@@ -303,6 +345,7 @@ def run_export(params: Params, layout: Layout) -> ExportResult:
             "outputs": list(OUTPUT_NAMES),
             "metrics": numeric_metrics(metrics),
             "parity_max_abs_diff": parity,
+            "calibration": calibration,
             "opset": OPSET,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "git_sha": git_sha(layout.root),
@@ -312,7 +355,6 @@ def run_export(params: Params, layout: Layout) -> ExportResult:
         # it (registration logs the whole folder, so it travels with every version).
         from visionops.monitor.reference import build_reference_profile
 
-        x_val, y_val = load_split(layout.split_npz("val"))
         reference = build_reference_profile(
             staging, x_val, spec, y_val, classes=[str(c) for c in classes], seed=params.seed
         )

@@ -16,7 +16,8 @@ Registry
 Gate
     :func:`run_gate` moves ``champion`` to the challenger only when it is not worse:
     accuracy within ``gate.accuracy_tolerance``, McNemar's test not significant in the
-    champion's favour, p95 latency at batch 1 within budget, ONNX parity held at export.
+    champion's favour, p95 latency at batch 1 within budget, ONNX parity held at export,
+    test ECE within ``gate.max_ece`` (the checks themselves: :mod:`visionops.gate_checks`).
     :func:`promote` (optionally forced) and :func:`rollback` move the alias by hand; a
     registered-model tag keeps the champion history that rollback walks back.
 
@@ -48,6 +49,7 @@ import numpy as np
 
 from visionops.config import Settings, load_settings
 from visionops.errors import DataError, RegistryError, VisionOpsError
+from visionops.gate_checks import GateCheck, calibration_check, mcnemar
 from visionops.stages import missing_input
 
 if TYPE_CHECKING:
@@ -69,8 +71,6 @@ MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
 #: Name of the exported folder inside the logged pyfunc model's artifacts.
 EXPORTED_ARTIFACT = "exported"
-#: McNemar's exact binomial test below this many discordant pairs, chi-square above.
-MCNEMAR_EXACT_BELOW = 25
 
 # --------------------------------------------------------------------------- connection
 
@@ -864,69 +864,7 @@ def resolve_served_model(
     return ServedModelRef(path=folder, name=name, version=version, alias=alias)
 
 
-# --------------------------------------------------------------------------- McNemar
-
-
-@dataclass(frozen=True)
-class McNemarResult:
-    """McNemar's test on paired predictions of two models on the same images."""
-
-    champion_only: int  # b: champion right, challenger wrong
-    challenger_only: int  # c: challenger right, champion wrong
-    p_value: float
-    method: str  # "exact" (binomial), "chi2" (continuity corrected) or "none"
-
-
-def mcnemar_p_value(b: int, c: int, exact_below: int = MCNEMAR_EXACT_BELOW) -> tuple[float, str]:
-    """Two-sided p-value of McNemar's test for discordant counts ``b`` and ``c``.
-
-    Exact binomial (``2 * P(X <= min(b, c))``, ``X ~ Bin(b + c, 1/2)``) when
-    ``b + c < exact_below``; otherwise chi-square with one degree of freedom on
-    ``(|b - c| - 1)^2 / (b + c)`` (Edwards' continuity correction).
-    """
-    from scipy import stats
-
-    if b < 0 or c < 0:
-        raise ValueError(f"discordant counts must be >= 0 (got b={b}, c={c})")
-    n = b + c
-    if n == 0:
-        return 1.0, "none"
-    if n < exact_below:
-        return min(1.0, float(2.0 * stats.binom.cdf(min(b, c), n, 0.5))), "exact"
-    statistic = max(abs(b - c) - 1, 0) ** 2 / n
-    return float(stats.chi2.sf(statistic, df=1)), "chi2"
-
-
-def mcnemar(champion_correct: np.ndarray, challenger_correct: np.ndarray) -> McNemarResult:
-    """McNemar's test from per-image correctness of the champion and the challenger."""
-    a = np.asarray(champion_correct, dtype=bool)
-    b_arr = np.asarray(challenger_correct, dtype=bool)
-    if a.shape != b_arr.shape:
-        raise ValueError(f"paired predictions needed: shapes {a.shape} and {b_arr.shape}")
-    b = int(np.sum(a & ~b_arr))
-    c = int(np.sum(~a & b_arr))
-    p, method = mcnemar_p_value(b, c)
-    return McNemarResult(champion_only=b, challenger_only=c, p_value=p, method=method)
-
-
 # --------------------------------------------------------------------------- gate
-
-
-@dataclass(frozen=True)
-class GateCheck:
-    name: str
-    passed: bool
-    value: float | None
-    threshold: float | None
-    detail: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "passed": self.passed,
-            "value": self.value,
-            "threshold": self.threshold,
-            "detail": self.detail,
-        }
 
 
 @dataclass
@@ -950,6 +888,7 @@ class GateDecision:
     discordant_challenger_only: int | None = None
     latency_p95_ms: float | None = None
     parity_max_abs_diff: float | None = None
+    test_ece: float | None = None
     n_test: int | None = None
     reasons: list[str] = field(default_factory=list)
     checks: list[GateCheck] = field(default_factory=list)
@@ -979,6 +918,7 @@ class GateDecision:
             "discordant_challenger_only": self.discordant_challenger_only,
             "latency_p95_ms": self.latency_p95_ms,
             "parity_max_abs_diff": self.parity_max_abs_diff,
+            "test_ece": self.test_ece,
             "n_test": self.n_test,
             "reasons": list(self.reasons),
             "checks": {c.name: c.to_dict() for c in self.checks},
@@ -1008,6 +948,8 @@ class GateDecision:
                 out[key] = float(value)
         if self.latency_p95_ms is not None:
             out["latency_p95_ms"] = float(self.latency_p95_ms)
+        if self.test_ece is not None:
+            out["test_ece"] = float(self.test_ece)
         return out
 
     def tags(self) -> dict[str, str]:
@@ -1024,6 +966,7 @@ class GateDecision:
             "gate.champion_accuracy": text(self.champion_accuracy),
             "gate.mcnemar_p_value": text(self.mcnemar_p_value),
             "gate.latency_p95_ms": text(self.latency_p95_ms),
+            "gate.test_ece": text(self.test_ece),
             "gate.reasons": "; ".join(self.reasons)[:5000],
             "gate.decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
@@ -1047,6 +990,7 @@ class _Evaluated:
     folder: Path
     metadata: dict[str, Any]
     correct: np.ndarray
+    probabilities: np.ndarray
     session: Any
     x: np.ndarray
 
@@ -1076,7 +1020,14 @@ def _evaluate_folder(
     session = open_session(folder / MODEL_FILE)
     probs = predict_probabilities(session, x)
     correct = np.argmax(probs, axis=1) == y_test
-    return _Evaluated(folder=folder, metadata=metadata, correct=correct, session=session, x=x)
+    return _Evaluated(
+        folder=folder,
+        metadata=metadata,
+        correct=correct,
+        probabilities=probs,
+        session=session,
+        x=x,
+    )
 
 
 class _Incomparable(VisionOpsError):
@@ -1150,6 +1101,11 @@ def _decide(
             + f" {gate.latency_budget_ms:g} ms",
         )
     )
+    calibration = calibration_check(
+        challenger.probabilities, y_test, gate.max_ece, params.evaluate.calibration_bins
+    )
+    decision.test_ece = calibration.value
+    decision.checks.append(calibration)
 
     if champion is None:
         # Something beats nothing: serving needs a champion, so the first model is promoted;

@@ -35,6 +35,7 @@ STAGE_PARAMS: Mapping[str, tuple[str, ...]] = {
         "data.image_size",
         "data.channels",
         "data.test_fraction",
+        "data.extra_path",
         "preprocess",
         "serve.max_pixels",
     ),
@@ -43,9 +44,17 @@ STAGE_PARAMS: Mapping[str, tuple[str, ...]] = {
     "train": ("seed", "train", "evaluate.batch_size"),
     "evaluate": ("evaluate",),
     "compare": ("train.models",),
-    "export": ("seed", "gate.parity_atol", "registry.model_name", "data.source", "data.path"),
+    "export": (
+        "seed",
+        "gate.parity_atol",
+        "registry.model_name",
+        "data.source",
+        "data.path",
+        "export",
+        "evaluate.calibration_bins",
+    ),
     "register": ("registry", "data.source", "data.path"),
-    "gate": ("gate",),
+    "gate": ("gate", "evaluate.calibration_bins"),
     "report": ("data.source",),
 }
 
@@ -61,7 +70,7 @@ OTHER_COMMAND_PARAMS: Mapping[str, tuple[str, ...]] = {
         "data.source",
         "data.path",
     ),
-    "promote": ("gate", "registry", "data.source", "data.path"),
+    "promote": ("gate", "evaluate.calibration_bins", "registry", "data.source", "data.path"),
     "rollback": ("registry", "data.source", "data.path"),
     "serve": ("serve", "registry", "data.source", "data.path"),
 }

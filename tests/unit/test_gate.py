@@ -20,8 +20,8 @@ from mlflow import MlflowClient
 from visionops import registry
 from visionops.config import params_from_dict
 from visionops.errors import DataError
+from visionops.gate_checks import mcnemar, mcnemar_p_value
 from visionops.layout import Layout
-from visionops.registry import mcnemar, mcnemar_p_value
 
 NAME = "gate-model"
 SIZE, K, PER_CLASS = 8, 3, 20
@@ -160,7 +160,11 @@ def test_first_model_is_promoted_because_there_is_no_champion(
     decision = registry.run_gate(_params(), layout)
 
     assert decision.promoted is True
-    assert decision.reasons == ["no champion yet"]
+    # Promoted because nothing else can serve, but the failed checks are on record: a
+    # constant 58 % confidence for a model right on a third of the images.
+    assert decision.reasons[0] == "no champion yet"
+    assert [r for r in decision.reasons[1:] if "test ECE" in r and "gate.max_ece" in r]
+    assert decision.test_ece == pytest.approx(0.576 - 1 / 3, abs=0.01)
     assert _champion(client) == "1"
     gate = json.loads(layout.gate_report.read_text())
     assert gate["promoted"] is True
@@ -204,7 +208,7 @@ def test_better_challenger_is_promoted(layout: Layout, client: MlflowClient) -> 
     assert gate["champion_version_before"] == 1
     assert gate["champion_version_after"] == 2
     assert all(check["passed"] for check in gate["checks"].values())
-    assert set(gate["checks"]) == {"onnx_parity", "latency", "accuracy", "mcnemar"}
+    assert set(gate["checks"]) == {"onnx_parity", "latency", "calibration", "accuracy", "mcnemar"}
 
 
 def test_worse_challenger_is_not_promoted_and_the_gate_says_why(

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from visionops.errors import ConfigError, DataError
 from visionops.monitor.api import create_monitoring_router
-from visionops.monitor.check import EXIT_DRIFT, EXIT_OK, run_check
+from visionops.monitor.check import EXIT_ALARM, EXIT_OK, run_check
 from visionops.monitor.feedback import (
     InvalidLabelError,
     UnknownPredictionError,
@@ -161,19 +161,26 @@ def test_check_exits_0_without_drift_and_sends_nothing(
     assert webhook.bodies == [] and result.webhook_status is None
 
 
-def test_check_exits_1_on_drift_and_posts_the_alert(
+def test_check_exits_1_on_an_alarm_and_posts_the_alert(
     predlog_url: str, reference: ReferenceProfile, webhook: Webhook
 ) -> None:
     result = run_check(N_DRIFT, predlog_url, reference, webhook.url)
-    assert result.exit_code == EXIT_DRIFT == 1
+    assert result.exit_code == EXIT_ALARM == 1
+    assert result.verdict.alarm and result.report.drift_detected
+    # Unsure predictions (mean confidence 0.5 against 0.95): the estimate collapses.
+    assert result.verdict.performance.estimated.value < 0.6
+    assert any(r.startswith("estimated accuracy fell") for r in result.verdict.performance.reasons)
     names = {t.name for t in result.report.drifted}
     assert {"bbox_width", "stroke_thickness", "predicted_class", "embedding", "confidence"} <= names
     assert result.webhook_status == 200 and len(webhook.bodies) == 1
     sent = webhook.bodies[0]
     assert sent["path"] == "/hooks/secret-token" and sent["type"] == "application/json"
-    assert sent["json"]["event"] == "visionops.drift_detected"
+    assert sent["json"]["event"] == "visionops.alarm"
     assert sent["json"]["report"]["drift_detected"] is True
-    assert sent["json"]["text"].startswith("visionops: DRIFT in 100 predictions")
+    assert sent["json"]["report"]["alarm"] is True
+    assert sent["json"]["report"]["alarm_reasons"]
+    assert sent["json"]["text"].startswith("visionops ALARM: ")
+    assert "DATA DRIFT in 100 predictions" in sent["json"]["text"]
     assert "secret-token" not in result.describe()  # the webhook path is not printed
 
 

@@ -1,8 +1,11 @@
 """Monitoring routes for the prediction service (no torch; mounted by ``create_app``).
 
-- ``GET /v1/monitoring/drift?window=N`` (or ``since``/``until``): the drift report of the
-  last N logged predictions as JSON; updates the drift gauges of ``/metrics``. 422 when
-  the window holds too few predictions, 503 without a prediction log or reference.
+- ``GET /v1/monitoring/drift?window=N`` (or ``since``/``until``): the monitoring verdict
+  of the last N logged predictions as JSON — ``drift_detected`` (data drift, a warning)
+  and ``alarm`` with ``alarm_reasons`` (a risk to performance), ``estimated_accuracy``
+  and, where feedback exists, ``realised_accuracy``
+  (:mod:`visionops.monitor.verdict`); updates the gauges of ``/metrics``. 422 when the
+  window holds too few predictions, 503 without a prediction log or reference.
 - ``POST /v1/feedback`` ``{"request_id", "label", "input_index"?}``: the true label of a
   logged prediction (404 unknown request, 422 unknown label).
 - ``GET /monitoring``: the monitoring report as an HTML page.
@@ -24,13 +27,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Engine
 
 from visionops.errors import VisionOpsError
-from visionops.monitor.drift import MMD_WINDOW_SIZE, detect_drift
+from visionops.monitor.drift import MMD_WINDOW_SIZE
 from visionops.monitor.feedback import (
     InvalidLabelError,
     UnknownPredictionError,
     record_feedback,
 )
 from visionops.monitor.reference import ReferenceProfile, ReferenceStore
+from visionops.monitor.verdict import assess_window
 from visionops.monitor.window import MAX_WINDOW_ROWS, InsufficientDataError, load_window
 from visionops.serve.predlog import create_predlog_engine
 
@@ -107,6 +111,32 @@ class MonitoringMetrics:
             registry=registry,
             multiprocess_mode="mostrecent",
         )
+        self.alarm = Gauge(
+            "visionops_monitoring_alarm",
+            "1 when the last checked window puts the model's performance at risk.",
+            registry=registry,
+        )
+        self.estimated_accuracy = Gauge(
+            "visionops_estimated_accuracy",
+            "CBPE accuracy estimate of the last checked window (bound: low/value/high).",
+            ["bound"],
+            registry=registry,
+        )
+        self.reference_accuracy = Gauge(
+            "visionops_reference_estimated_accuracy",
+            "The reference's estimated accuracy (mean calibrated confidence).",
+            registry=registry,
+        )
+        self.realised_accuracy = Gauge(
+            "visionops_realised_accuracy",
+            "Accuracy over the labelled predictions of the last checked window.",
+            registry=registry,
+        )
+        self.labelled = Gauge(
+            "visionops_labelled_predictions",
+            "Predictions of the last checked window that received a true label.",
+            registry=registry,
+        )
         self.p_value = Gauge(
             "visionops_drift_test_p_value",
             "p-value of each drift test on the last checked window.",
@@ -128,13 +158,16 @@ def create_monitoring_router(
     registry: CollectorRegistry | None = None,
     *,
     default_window: int = DEFAULT_WINDOW,
+    get_confidence_threshold: Callable[[], float] = lambda: 0.7,
 ) -> APIRouter:
     """The monitoring routes.
 
     ``get_reference()`` returns the served model's profile (None, or a raised
     ``VisionOpsError``, when there is none: 503 with the reason); ``get_predlog_url()``
     the prediction-log URL (None: logging is off, 503). Gauges go to ``registry`` (the
-    app's ``/metrics`` registry; a private one when None).
+    app's ``/metrics`` registry; a private one when None). ``get_confidence_threshold()``
+    is the server's ``serve.confidence_threshold`` (the rejected-rate check compares the
+    log's ``accepted`` flags with the reference at that threshold).
     """
     metrics = MonitoringMetrics(registry if registry is not None else CollectorRegistry())
     engines: dict[str, Engine] = {}
@@ -197,18 +230,31 @@ def create_monitoring_router(
                 max_embeddings=MMD_WINDOW_SIZE,
                 engine=engine_for(url),
             )
-            report = detect_drift(reference, rows)
+            verdict = assess_window(
+                reference,
+                rows,
+                engine=engine_for(url),
+                confidence_threshold=get_confidence_threshold(),
+            )
         except InsufficientDataError as exc:
             return _error(422, "not_enough_predictions", str(exc))
         except VisionOpsError as exc:
             return _error(422, "invalid_window", str(exc))
+        report, perf = verdict.drift, verdict.performance
         metrics.score.set(report.drift_score)
         metrics.detected.set(int(report.drift_detected))
+        metrics.alarm.set(int(verdict.alarm))
         metrics.window_size.set(rows.size)
+        for bound in ("low", "value", "high"):
+            metrics.estimated_accuracy.labels(bound).set(getattr(perf.estimated, bound))
+        metrics.reference_accuracy.set(perf.estimated.reference)
+        if perf.realised is not None and perf.realised.value is not None:
+            metrics.realised_accuracy.set(perf.realised.value)
+        metrics.labelled.set(perf.realised.labelled if perf.realised is not None else 0)
         for t in report.tests:
             if t.p_value is not None:
                 metrics.p_value.labels(t.name).set(t.p_value)
-        return report.to_dict()
+        return verdict.to_dict()
 
     @router.post(
         "/v1/feedback",
@@ -254,7 +300,13 @@ def create_monitoring_router(
             )
         reference, url = resolved
         try:
-            text, _, _ = build_monitoring_html(reference, url, window, engine=engine_for(url))
+            text, _, _ = build_monitoring_html(
+                reference,
+                url,
+                window,
+                engine=engine_for(url),
+                confidence_threshold=get_confidence_threshold(),
+            )
         except InsufficientDataError as exc:
             return HTMLResponse(_message_page(str(exc)), status_code=422, headers=REPORT_HEADERS)
         return HTMLResponse(text, headers=REPORT_HEADERS)
@@ -276,6 +328,7 @@ def install_monitoring(app: Any, service: Any) -> None:
             get_reference=lambda: references.require(service.model),
             get_predlog_url=lambda: service.settings.predlog_url,
             registry=service.metrics.registry,
+            get_confidence_threshold=lambda: service.settings.serve.confidence_threshold,
         )
     )
 

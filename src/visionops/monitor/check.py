@@ -1,9 +1,10 @@
-"""Acting on drift: ``visionops monitor check`` for cron jobs and CI.
+"""Acting on the alarm: ``visionops monitor check`` for cron jobs and CI.
 
-:func:`run_check` tests one window of the prediction log; its :attr:`CheckResult.exit_code`
-is 0 without drift and 1 with drift (bad input raises a ``VisionOpsError``, which the CLI
-turns into exit code 2). On drift it can POST a JSON alert to a webhook (Slack-style
-``text`` plus the whole report).
+:func:`run_check` assesses one window of the prediction log at both levels
+(:mod:`visionops.monitor.verdict`); its :attr:`CheckResult.exit_code` is 0 without an
+alarm and 1 with one — data drift alone is a warning, reported but exit code 0 (bad
+input raises a ``VisionOpsError``, which the CLI turns into exit code 2). On an alarm it
+can POST a JSON alert to a webhook (Slack-style ``text`` plus the whole verdict).
 """
 
 from __future__ import annotations
@@ -16,39 +17,39 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from visionops.errors import ConfigError
-from visionops.monitor.drift import (
-    DEFAULT_ALPHA,
-    MMD_WINDOW_SIZE,
-    Correction,
-    DriftReport,
-    detect_drift,
-)
+from visionops.monitor.drift import DEFAULT_ALPHA, MMD_WINDOW_SIZE, Correction, DriftReport
 from visionops.monitor.reference import ReferenceProfile, resolve_reference
+from visionops.monitor.verdict import MonitoringVerdict, assess_window
 from visionops.monitor.window import load_window
-from visionops.serve.predlog import safe_url
+from visionops.serve.predlog import create_predlog_engine, safe_url
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
-EXIT_DRIFT = 1
+EXIT_ALARM = 1
 
 
 @dataclass(frozen=True)
 class CheckResult:
-    report: DriftReport
+    verdict: MonitoringVerdict
     webhook_url: str | None = None
     webhook_status: int | None = None  # HTTP status of the alert POST
     webhook_error: str | None = None
 
     @property
+    def report(self) -> DriftReport:
+        """The data-drift level of the verdict."""
+        return self.verdict.drift
+
+    @property
     def exit_code(self) -> int:
-        return EXIT_DRIFT if self.report.drift_detected else EXIT_OK
+        return EXIT_ALARM if self.verdict.alarm else EXIT_OK
 
     def summary(self) -> dict[str, float]:
-        return self.report.summary()
+        return self.verdict.summary()
 
     def describe(self) -> str:
-        text = self.report.describe()
+        text = self.verdict.describe()
         if self.webhook_error:
             text += f"; the alert to {_redact(self.webhook_url)} FAILED: {self.webhook_error}"
         elif self.webhook_status is not None:
@@ -64,14 +65,16 @@ def _redact(url: str | None) -> str:
     return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}/…"
 
 
-def alert_payload(report: DriftReport) -> dict[str, Any]:
-    """The webhook body: ``text`` (what chat webhooks show) plus the full report."""
-    lines = [f"visionops: {report.describe()}"]
-    lines += [f"- {t.verdict}" for t in report.drifted]
+def alert_payload(verdict: MonitoringVerdict) -> dict[str, Any]:
+    """The webhook body: ``text`` (what chat webhooks show) plus the full verdict."""
+    lines = [f"visionops ALARM: {verdict.performance.describe()}"]
+    lines += [f"- {reason}" for reason in verdict.performance.reasons]
+    lines.append(f"data drift: {verdict.drift.describe()}")
+    lines += [f"- {t.verdict}" for t in verdict.drift.drifted]
     return {
         "text": "\n".join(lines),
-        "event": "visionops.drift_detected",
-        "report": report.to_dict(),
+        "event": "visionops.alarm",
+        "report": verdict.to_dict(),
     }
 
 
@@ -99,13 +102,15 @@ def run_check(
     alpha: float = DEFAULT_ALPHA,
     correction: Correction = "bonferroni",
     timeout: float = 10.0,
+    confidence_threshold: float = 0.7,
 ) -> CheckResult:
-    """Test the last ``window`` predictions (or ``since``/``until``) for drift.
+    """Assess the last ``window`` predictions (or ``since``/``until``) at both levels.
 
     ``reference`` is a profile, a model folder / ``reference.json`` path or a registry URI
-    (``models:/NAME@champion``). With
-    ``webhook_url`` an alert is POSTed when drift is found; a failed POST is reported in
-    the result (and logged), it does not change the exit code.
+    (``models:/NAME@champion``). ``confidence_threshold`` is the server's
+    ``serve.confidence_threshold``. With ``webhook_url`` an alert is POSTed on an alarm
+    (not on data drift alone); a failed POST is reported in the result (and logged), it
+    does not change the exit code.
     """
     profile = reference if isinstance(reference, ReferenceProfile) else resolve_reference(reference)
     if webhook_url:
@@ -120,16 +125,27 @@ def run_check(
         model_version=model_version,
         max_embeddings=MMD_WINDOW_SIZE,
     )
-    report = detect_drift(profile, rows, alpha=alpha, correction=correction)
-    log.info("drift check on %s: %s", safe_url(predlog_url), report.describe())
-    if not (report.drift_detected and webhook_url):
-        return CheckResult(report)
+    engine = create_predlog_engine(predlog_url)
+    try:
+        verdict = assess_window(
+            profile,
+            rows,
+            engine=engine,
+            confidence_threshold=confidence_threshold,
+            alpha=alpha,
+            correction=correction,
+        )
+    finally:
+        engine.dispose()
+    log.info("monitoring check on %s: %s", safe_url(predlog_url), verdict.describe())
+    if not (verdict.alarm and webhook_url):
+        return CheckResult(verdict)
     import httpx
 
     try:
-        status = post_alert(webhook_url, alert_payload(report), timeout=timeout)
+        status = post_alert(webhook_url, alert_payload(verdict), timeout=timeout)
     except (httpx.HTTPError, OSError) as exc:
         reason = f"{type(exc).__name__}: {exc}".replace(webhook_url, _redact(webhook_url))
-        log.error("drift alert to %s failed: %s", _redact(webhook_url), reason)
-        return CheckResult(report, webhook_url, None, reason)
-    return CheckResult(report, webhook_url, status, None)
+        log.error("alarm alert to %s failed: %s", _redact(webhook_url), reason)
+        return CheckResult(verdict, webhook_url, None, reason)
+    return CheckResult(verdict, webhook_url, status, None)

@@ -19,6 +19,22 @@ alarm rate at ``alpha`` whatever the dependence between the tests (and they are
 dependent: ink fraction and mean intensity move together). Benjamini–Hochberg
 (``correction="bh"``) controls the false discovery rate instead and alarms more easily.
 
+**Significance is not enough.** A test counts as drift only when its p-value is below
+its threshold *and* its effect size reaches the documented minimum of
+:data:`MIN_EFFECT` (Evidently's move from p-values to distances as samples grow): with
+5,000 predictions a KS test finds differences far too small to matter. Effect sizes:
+
+- KS tests: the **normed Wasserstein distance** (earth mover's distance between the two
+  samples divided by the reference's standard deviation; Evidently's ``wasserstein``
+  stattest, whose default threshold is 0.1);
+- predicted classes: the **Jensen–Shannon distance** (base 2, in [0, 1]) between the
+  predicted-class shares (Evidently's ``jensenshannon`` stattest, default 0.1);
+- embeddings: **MMD** (the square root of MMD², in the kernel's units: 0 for identical
+  distributions, at most √2).
+
+Data drift is a warning: it says the inputs differ, not that the model got worse.
+:mod:`visionops.monitor.performance` decides whether the difference harms the model.
+
 NumPy and SciPy only: the server imports this module.
 """
 
@@ -46,6 +62,27 @@ MIN_VALUES = 30
 #: (benchmarks/results/drift.md); real drift scores stay far above the threshold.
 DEFAULT_ALPHA = 0.01
 
+#: The smallest effect size (see the module docstring) each statistic's test needs,
+#: besides significance, to count as drift. KS statistics: normed Wasserstein distance
+#: (0.1: a tenth of the reference's spread, Evidently's default); predicted_class:
+#: Jensen–Shannon distance (0.1, Evidently's default); embedding: MMD (0.1 ≈ MMD² of
+#: 0.01; windows of in-distribution MNIST test images stay below 0.07,
+#: benchmarks/results/drift.md).
+MIN_EFFECT: dict[str, float] = {
+    "mean_intensity": 0.1,
+    "ink_fraction": 0.1,
+    "bbox_width": 0.1,
+    "bbox_height": 0.1,
+    "center_x": 0.1,
+    "center_y": 0.1,
+    "stroke_thickness": 0.1,
+    "confidence": 0.1,
+    "predicted_class": 0.1,
+    "embedding": 0.1,
+}
+#: Effect size name per test method.
+EFFECT_NAMES = {"ks": "normed Wasserstein", "chi2": "Jensen-Shannon", "mmd": "MMD"}
+
 #: Fewest embeddings on each side for the MMD test to run.
 MIN_EMBEDDINGS = 10
 #: Newest window embeddings the MMD test uses (load no more than this for drift).
@@ -59,7 +96,7 @@ _P_FLOOR = 1e-300
 
 @dataclass(frozen=True)
 class DriftTest:
-    """One test's outcome; ``drift`` is ``p_value <= threshold``."""
+    """One test's outcome; ``drift`` is ``p_value <= threshold and effect >= min_effect``."""
 
     name: str  # the statistic tested: mean_intensity, confidence, predicted_class, embedding
     method: str  # ks | chi2 | mmd
@@ -69,6 +106,13 @@ class DriftTest:
     drift: bool
     verdict: str
     details: dict[str, Any] = field(default_factory=dict)
+    effect: float = 0.0  # effect size (EFFECT_NAMES[method])
+    min_effect: float = 0.0
+
+    @property
+    def significant(self) -> bool:
+        """The p-value alone is below the threshold (drift needs the effect size too)."""
+        return self.p_value is not None and self.p_value <= self.threshold
 
     @property
     def score(self) -> float:
@@ -85,6 +129,10 @@ class DriftTest:
             "p_value": _finite(self.p_value),
             "threshold": self.threshold,
             "drift": self.drift,
+            "significant": self.significant,
+            "effect": _finite(self.effect),
+            "effect_name": EFFECT_NAMES.get(self.method, self.method),
+            "min_effect": self.min_effect,
             "score": round(self.score, 4),
             "verdict": self.verdict,
             "details": {
@@ -111,8 +159,15 @@ class DriftReport:
 
     @property
     def drift_score(self) -> float:
-        """The largest test score: 1.0 or more means drift (see :attr:`DriftTest.score`)."""
-        return max((t.score for t in self.tests), default=0.0)
+        """The largest score of a test that drifted, else of any test (capped below 1).
+
+        1.0 or more means drift (see :attr:`DriftTest.score`); a significant test whose
+        effect is below its minimum does not push the score past 1.
+        """
+        drifted = [t.score for t in self.tests if t.drift]
+        if drifted:
+            return max(drifted)
+        return min(max((t.score for t in self.tests), default=0.0), 0.999)
 
     @property
     def drifted(self) -> list[DriftTest]:
@@ -147,13 +202,13 @@ class DriftReport:
         n = self.window.get("size")
         if not self.drift_detected:
             return (
-                f"no drift in {n} predictions: all {len(self.tests)} tests within their "
-                f"thresholds ({self.correction}, alpha {self.alpha:g})"
+                f"no data drift in {n} predictions: no test is both significant and "
+                f"large enough ({len(self.tests)} tests, {self.correction}, alpha {self.alpha:g})"
             )
         names = ", ".join(t.name for t in self.drifted)
         return (
-            f"DRIFT in {n} predictions: {len(self.drifted)} of {len(self.tests)} tests "
-            f"alarm ({names}; {self.correction}, alpha {self.alpha:g})"
+            f"DATA DRIFT in {n} predictions: {len(self.drifted)} of {len(self.tests)} tests "
+            f"significant with a large effect ({names}; {self.correction}, alpha {self.alpha:g})"
         )
 
 
@@ -279,30 +334,85 @@ def _fmt_p(p: float) -> str:
     return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
 
 
-def _ks_verdict(name: str, ref: np.ndarray, cur: np.ndarray, d: float, p: float, t: float) -> str:
+def _effect_text(method: str, effect: float, minimum: float) -> str:
+    sign = "≥" if effect >= minimum else "<"
+    return f"{EFFECT_NAMES.get(method, method)} {effect:.3g} {sign} {minimum:g}"
+
+
+def _outcome(p: float, t: float, effect: float, minimum: float, method: str) -> str:
+    """``DRIFT``, or why not: not significant, or significant but too small."""
+    if p > t:
+        return "no drift"
+    if effect < minimum:
+        small = _effect_text(method, effect, minimum)
+        return f"no drift (significant, but the effect is small: {small})"
+    return "DRIFT"
+
+
+def _ks_verdict(
+    name: str,
+    ref: np.ndarray,
+    cur: np.ndarray,
+    d: float,
+    p: float,
+    t: float,
+    effect: float,
+    minimum: float,
+) -> str:
     what = STAT_DESCRIPTIONS.get(name, name)
     medians = f"median {np.median(cur):.3g} now vs {np.median(ref):.3g} in the reference"
-    if p <= t:
-        return (
-            f"{name}: DRIFT — the {what} is distributed differently ({medians}; "
-            f"KS D = {d:.2f}, p = {_fmt_p(p)} ≤ {t:.2g})"
-        )
-    return f"{name}: no drift ({medians}; KS p = {_fmt_p(p)} > {t:.2g})"
+    outcome = _outcome(p, t, effect, minimum, "ks")
+    cmp = "≤" if p <= t else ">"
+    tail = f"KS D = {d:.2f}, p = {_fmt_p(p)} {cmp} {t:.2g}; {_effect_text('ks', effect, minimum)}"
+    if outcome == "DRIFT":
+        return f"{name}: DRIFT — the {what} is distributed differently ({medians}; {tail})"
+    return f"{name}: {outcome} ({medians}; {tail})"
 
 
 def _class_verdict(
-    classes: Sequence[str], ref_share: np.ndarray, cur_share: np.ndarray, p: float, t: float
+    classes: Sequence[str],
+    ref_share: np.ndarray,
+    cur_share: np.ndarray,
+    p: float,
+    t: float,
+    effect: float,
+    minimum: float,
 ) -> str:
     diff = cur_share - ref_share
     i = int(np.argmax(np.abs(diff)))
     label = classes[i] if i < len(classes) else "an unknown class"
     change = f"'{label}' is {100 * cur_share[i]:.0f}% of predictions vs {100 * ref_share[i]:.0f}%"
-    if p <= t:
-        return (
-            "predicted_class: DRIFT — the mix of predicted classes changed "
-            f"({change}; p = {_fmt_p(p)} ≤ {t:.2g})"
-        )
-    return f"predicted_class: no drift (largest change: {change}; p = {_fmt_p(p)} > {t:.2g})"
+    outcome = _outcome(p, t, effect, minimum, "chi2")
+    cmp = "≤" if p <= t else ">"
+    tail = f"p = {_fmt_p(p)} {cmp} {t:.2g}; {_effect_text('chi2', effect, minimum)}"
+    if outcome == "DRIFT":
+        return f"predicted_class: DRIFT — the mix of predicted classes changed ({change}; {tail})"
+    return f"predicted_class: {outcome} (largest change: {change}; {tail})"
+
+
+def normed_wasserstein(reference: np.ndarray, current: np.ndarray) -> float:
+    """Wasserstein-1 distance of two samples divided by the reference's standard deviation.
+
+    Evidently's ``wasserstein`` stattest: 0.1 means the distributions are a tenth of the
+    reference's spread apart. A constant reference (std 0) gives 0 when the current
+    sample equals it and infinity otherwise.
+    """
+    from scipy import stats
+
+    distance = float(stats.wasserstein_distance(reference, current))
+    std = float(np.std(reference))
+    if std > 0:
+        return distance / std
+    return 0.0 if distance == 0 else math.inf
+
+
+def jensen_shannon(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen–Shannon distance (base 2, in [0, 1]) between two discrete distributions."""
+    from scipy.spatial import distance
+
+    if not np.sum(p) > 0 or not np.sum(q) > 0:
+        return 0.0
+    return float(distance.jensenshannon(p, q, base=2))
 
 
 def detect_drift(
@@ -315,8 +425,12 @@ def detect_drift(
     mmd_reference_size: int = MMD_REFERENCE_SIZE,
     mmd_window_size: int = MMD_WINDOW_SIZE,
     seed: int = 0,
+    min_effect: dict[str, float] | None = None,
 ) -> DriftReport:
     """Test ``window`` against ``reference``; see the module docstring for the tests.
+
+    ``min_effect`` overrides :data:`MIN_EFFECT` per test name (0 turns the effect-size
+    requirement off for that test).
 
     ``alpha`` is the overall false alarm rate the correction targets. The MMD test uses
     seeded subsamples of at most ``mmd_reference_size`` reference and ``mmd_window_size``
@@ -329,6 +443,7 @@ def detect_drift(
     if permutations < 1:
         raise ConfigError(f"permutations must be at least 1, got {permutations}")
     rng = np.random.default_rng(seed)
+    min_effect = {**MIN_EFFECT, **(min_effect or {})}
     notes: list[str] = []
     # (name, method, statistic, p, details, verdict builder)
     raw: list[tuple[str, str, float, float, dict[str, Any], Any]] = []
@@ -380,6 +495,7 @@ def detect_drift(
         "current_share": {
             c: round(float(cur_share[i]), 4) for i, c in enumerate(reference.classes)
         },
+        "current_counts": {c: int(current_counts[i]) for i, c in enumerate(reference.classes)},
     }
     raw.append(("predicted_class", "chi2", stat, p, class_details, (ref_share, cur_share)))
 
@@ -419,20 +535,31 @@ def detect_drift(
     levels = thresholds([r[3] for r in raw], alpha, correction)
     tests = []
     for (name, method, stat, p, details, extra), t in zip(raw, levels, strict=True):
-        drift = p <= t
+        minimum = min_effect.get(name, 0.0)
         if method == "ks":
-            verdict = _ks_verdict(name, extra[0], extra[1], stat, p, t)
+            effect = normed_wasserstein(extra[0], extra[1])
         elif method == "chi2":
-            verdict = _class_verdict(reference.classes, extra[0], extra[1], p, t)
-        elif drift:
-            verdict = (
-                f"embedding: DRIFT — the model's internal representation of the inputs moved "
-                f"away from the reference's (MMD² = {stat:.3g}, p = {_fmt_p(p)} ≤ {t:.2g}, "
-                f"{details['permutations']} permutations)"
-            )
+            effect = jensen_shannon(extra[0], extra[1])
         else:
-            verdict = f"embedding: no drift (MMD² = {stat:.3g}, p = {_fmt_p(p)} > {t:.2g})"
-        tests.append(DriftTest(name, method, stat, p, t, drift, verdict, details))
+            effect = math.sqrt(max(stat, 0.0))
+        drift = p <= t and effect >= minimum
+        if method == "ks":
+            verdict = _ks_verdict(name, extra[0], extra[1], stat, p, t, effect, minimum)
+        elif method == "chi2":
+            verdict = _class_verdict(reference.classes, extra[0], extra[1], p, t, effect, minimum)
+        else:
+            outcome = _outcome(p, t, effect, minimum, method)
+            tail = (
+                f"MMD² = {stat:.3g}, p = {_fmt_p(p)} {'≤' if p <= t else '>'} {t:.2g}, "
+                f"{details['permutations']} permutations; {_effect_text(method, effect, minimum)}"
+            )
+            verdict = (
+                "embedding: DRIFT — the model's internal representation of the inputs moved "
+                f"away from the reference's ({tail})"
+                if drift
+                else f"embedding: {outcome} ({tail})"
+            )
+        tests.append(DriftTest(name, method, stat, p, t, drift, verdict, details, effect, minimum))
 
     return DriftReport(
         drift_detected=any(t.drift for t in tests),

@@ -197,3 +197,27 @@ def feedback_accuracy(engine: Engine, model_version: str | None = None) -> Feedb
         first=min(times) if times else None,
         last=max(times) if times else None,
     )
+
+
+def feedback_counts(engine: Engine, prediction_ids: Any) -> tuple[int, int]:
+    """``(labelled, correct)`` over the predictions whose row ids are ``prediction_ids``.
+
+    ``(0, 0)`` when nothing was labelled (or there is no feedback table yet).
+    """
+    import numpy as np
+
+    ids = np.asarray(prediction_ids, dtype=np.int64)
+    if ids.size == 0:
+        return 0, 0
+    f = feedback_table
+    with engine.connect() as conn:
+        if not sa.inspect(conn).has_table(f.name):
+            return 0, 0
+        rows = conn.execute(
+            sa.select(f.c.prediction_id, f.c.correct).where(
+                f.c.prediction_id.between(int(ids.min()), int(ids.max()))
+            )
+        ).all()
+    wanted = set(ids.tolist())
+    hits = [bool(r.correct) for r in rows if int(r.prediction_id) in wanted]
+    return len(hits), sum(hits)

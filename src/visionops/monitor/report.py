@@ -1,7 +1,9 @@
 """The monitoring report: one self-contained HTML page (``visionops monitor report`` and
 ``GET /monitoring``).
 
-Sections: the verdict and every test; reference-vs-current distributions of each
+Sections: the verdict at both levels — the alarm (a risk to performance: estimated
+accuracy, rejected inputs, realised accuracy from feedback) and data drift (a warning) —
+and every test; reference-vs-current distributions of each
 statistic, the confidence, the predicted classes and the embeddings (a PCA map); the
 drift score over time (consecutive windows of the log); the most atypical recent inputs
 (farthest from the reference in embedding space, and least confident); the served
@@ -26,8 +28,10 @@ from sqlalchemy.engine import Engine
 
 from visionops.monitor.drift import DriftReport, DriftTest, detect_drift
 from visionops.monitor.feedback import FeedbackAccuracy, feedback_accuracy
+from visionops.monitor.performance import PerformanceReport, atypicality
 from visionops.monitor.reference import ReferenceProfile
 from visionops.monitor.stats import STAT_DESCRIPTIONS
+from visionops.monitor.verdict import MonitoringVerdict, assess_window
 from visionops.monitor.window import (
     MIN_WINDOW_ROWS,
     InsufficientDataError,
@@ -47,6 +51,7 @@ max-width:1100px;padding:0 1rem;color:#222;line-height:1.45}
 h1{margin-bottom:.2rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2.2rem}
 .muted{color:#666}.verdict{font-size:1.2rem;padding:.7rem 1rem;border-radius:6px}
 .drift{background:#fde8e8;border:1px solid #d62728}.ok{background:#e8f6ea;border:1px solid #2ca02c}
+.warn{background:#fff6e0;border:1px solid #d89a00}
 table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem}
 th,td{border:1px solid #ddd;padding:.3rem .55rem;text-align:left;vertical-align:top}
 th{background:#f6f6f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
@@ -59,16 +64,20 @@ ul.notes li{color:#8a5300}
 @dataclass(frozen=True)
 class MonitoringReportResult:
     path: Path | None
-    drift: DriftReport
+    verdict: MonitoringVerdict
     html_bytes: int
     timeline_windows: int
 
+    @property
+    def drift(self) -> DriftReport:
+        return self.verdict.drift
+
     def summary(self) -> dict[str, float]:
-        return {**self.drift.summary(), "report_bytes": float(self.html_bytes)}
+        return {**self.verdict.summary(), "report_bytes": float(self.html_bytes)}
 
     def describe(self) -> str:
         where = f" written to {self.path}" if self.path else ""
-        return f"monitoring report{where}: {self.drift.describe()}"
+        return f"monitoring report{where}: {self.verdict.describe()}"
 
 
 # --------------------------------------------------------------------------- plots
@@ -148,31 +157,6 @@ def plot_classes(reference: ReferenceProfile, window: Window, test: DriftTest | 
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _png_uri(fig)
-
-
-def atypicality(reference: ReferenceProfile, window: Window, k: int = 5) -> np.ndarray:
-    """Per window row: mean distance to its ``k`` nearest reference embeddings, as the
-    share of reference embeddings that are closer to their own neighbours (0..1; 1 =
-    farther than any reference image). NaN for rows without an embedding."""
-    out = np.full(window.size, np.nan)
-    ref = reference.embeddings.astype(np.float64)
-    if len(window.embeddings) == 0 or ref.ndim != 2 or len(ref) <= k:
-        return out
-    if window.embeddings.shape[1] != ref.shape[1]:
-        return out
-
-    def knn_mean(a: np.ndarray, skip_self: bool) -> np.ndarray:
-        d2 = (a * a).sum(1)[:, None] + (ref * ref).sum(1)[None, :] - 2.0 * a @ ref.T
-        d = np.sqrt(np.maximum(d2, 0.0))
-        d.sort(axis=1)
-        start = 1 if skip_self else 0
-        result: np.ndarray = d[:, start : start + k].mean(axis=1)
-        return result
-
-    baseline = np.sort(knn_mean(ref, skip_self=True))
-    cur = knn_mean(window.embeddings.astype(np.float64), skip_self=False)
-    out[window.embedding_rows] = np.searchsorted(baseline, cur, side="right") / len(baseline)
-    return out
 
 
 def plot_embeddings(
@@ -291,15 +275,70 @@ def _tests_table(report: DriftReport) -> str:
     rows = []
     for t in report.tests:
         cls = ' class="alarm"' if t.drift else ""
+        result = "DRIFT" if t.drift else ("small effect" if t.significant else "ok")
         rows.append(
             f"<tr{cls}><td>{_e(t.name)}</td><td>{_e(t.method)}</td>"
             f'<td class="num">{_num(t.statistic)}</td><td class="num">{_num(t.p_value, 2)}</td>'
-            f'<td class="num">{_num(t.threshold, 2)}</td><td>{"DRIFT" if t.drift else "ok"}</td>'
-            f"<td>{_e(t.verdict)}</td></tr>"
+            f'<td class="num">{_num(t.threshold, 2)}</td>'
+            f'<td class="num">{_num(t.effect)}</td><td class="num">{_num(t.min_effect)}</td>'
+            f"<td>{result}</td><td>{_e(t.verdict)}</td></tr>"
         )
     return (
         "<table><tr><th>test</th><th>method</th><th>statistic</th><th>p-value</th>"
-        "<th>threshold</th><th>result</th><th>verdict</th></tr>" + "".join(rows) + "</table>"
+        "<th>threshold</th><th>effect</th><th>min effect</th><th>result</th><th>verdict</th>"
+        "</tr>" + "".join(rows) + "</table>"
+    )
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f} %"
+
+
+def _performance_section(perf: PerformanceReport) -> str:
+    """The alarm level: estimated vs realised accuracy and the rejected share."""
+    est, real, rej = perf.estimated, perf.realised, perf.rejected
+    rows = [
+        "<tr><th>signal</th><th>current window</th><th>95 % interval</th><th>reference</th></tr>",
+        f'<tr id="estimated-accuracy"><td>estimated accuracy ({est.method}, no labels; '
+        f"mean confidence {_pct(est.cbpe)})</td>"
+        f'<td class="num">{_pct(est.value)}</td>'
+        f'<td class="num">{_pct(est.low)} – {_pct(est.high)}</td>'
+        f'<td class="num">{_pct(est.reference)}</td></tr>',
+    ]
+    if real is not None and real.value is not None:
+        rows.append(
+            f'<tr id="realised-accuracy"><td>realised accuracy ({real.labelled} labelled)</td>'
+            f'<td class="num">{_pct(real.value)}</td>'
+            f'<td class="num">{_pct(real.low)} – {_pct(real.high)}</td>'
+            f'<td class="num">{_pct(real.reference)}</td></tr>'
+        )
+    else:
+        rows.append(
+            '<tr id="realised-accuracy"><td>realised accuracy</td>'
+            '<td colspan="3" class="muted">no labelled predictions in this window</td></tr>'
+        )
+    ood = perf.ood
+    if ood is not None:
+        rows.append(
+            f"<tr><td>out-of-distribution inputs (embedding)</td>"
+            f'<td class="num">{_pct(ood.rate)}</td>'
+            f'<td class="num">binomial p = {ood.p_value:.2g}</td>'
+            f'<td class="num">{_pct(ood.reference)} expected</td></tr>'
+        )
+    if rej is not None:
+        what = "rejected" if rej.source == "reason" else "low-confidence (not accepted)"
+        rows.append(
+            f'<tr><td>{what} inputs</td><td class="num">{_pct(rej.rate)}</td>'
+            f'<td class="num">binomial p = {rej.p_value:.2g}</td>'
+            f'<td class="num">{_pct(rej.reference)}</td></tr>'
+        )
+    return (
+        "<table>"
+        + "".join(rows)
+        + "</table>"
+        + f'<p class="muted">The alarm needs a fall of more than '
+        f"{100 * perf.min_accuracy_drop:g} points beyond the interval, or a rise of the "
+        f"rejected share of at least {100 * perf.min_rejected_rise:g} points.</p>"
     )
 
 
@@ -371,16 +410,27 @@ def build_monitoring_html(
     history_windows: int = 12,
     atypical: int = 12,
     engine: Engine | None = None,
-) -> tuple[str, DriftReport, int]:
-    """The report's HTML, the current window's :class:`DriftReport` and the number of
-    timeline windows. Raises ``InsufficientDataError`` below the minimum of rows."""
+    confidence_threshold: float = 0.7,
+) -> tuple[str, MonitoringVerdict, int]:
+    """The report's HTML, the current window's :class:`MonitoringVerdict` and the number
+    of timeline windows. Raises ``InsufficientDataError`` below the minimum of rows."""
     history = load_window(
         predlog_url, window * max(history_windows, 1), thumbnails=True, engine=engine
     )
     current = history.slice(max(0, history.size - window), history.size)
     if current.size < MIN_WINDOW_ROWS:
         raise InsufficientDataError(current.size, MIN_WINDOW_ROWS, f"a window of {window}")
-    report = detect_drift(reference, current)
+    own = engine is None
+    eng = engine if engine is not None else create_predlog_engine(predlog_url)
+    try:
+        verdict = assess_window(
+            reference, current, engine=eng, confidence_threshold=confidence_threshold
+        )
+        acc = feedback_accuracy(eng)
+    finally:
+        if own:
+            eng.dispose()
+    report = verdict.drift
     tests = {t.name: t for t in report.tests}
 
     step = window if history.size >= 2 * window else max(MIN_WINDOW_ROWS, history.size // 6)
@@ -391,15 +441,8 @@ def build_monitoring_html(
     far = far[finite[far] >= 0]
     unsure = np.argsort(current.confidence, kind="stable")[:atypical]
 
-    own = engine is None
-    eng = engine if engine is not None else create_predlog_engine(predlog_url)
-    try:
-        acc = feedback_accuracy(eng)
-    finally:
-        if own:
-            eng.dispose()
-
-    verdict_cls = "drift" if report.drift_detected else "ok"
+    alarm_cls = "drift" if verdict.alarm else "ok"
+    verdict_cls = "warn" if report.drift_detected else "ok"
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     info = reference.info()
     model = " ".join(
@@ -433,7 +476,11 @@ def build_monitoring_html(
         f'<p class="muted">Model {_e(model or "unknown")} · prediction log '
         f"{_e(safe_url(predlog_url))} · generated {generated}</p>",
         '<section id="summary"><h2>Verdict</h2>',
-        f'<p class="verdict {verdict_cls}">{_e(report.describe())}</p>',
+        f'<p id="alarm" class="verdict {alarm_cls}"><b>Alarm</b> (risk to performance): '
+        f"{_e(verdict.performance.describe())}</p>",
+        f'<p id="data-drift" class="verdict {verdict_cls}"><b>Data drift</b> (a warning: '
+        f"the inputs differ): {_e(report.describe())}</p>",
+        _performance_section(verdict.performance),
         f"<p>Current window: the last <b>{current.size}</b> predictions, "
         f"{_e(current.start.isoformat(timespec='seconds') if current.start else '?')} to "
         f"{_e(current.end.isoformat(timespec='seconds') if current.end else '?')}. "
@@ -472,7 +519,7 @@ def build_monitoring_html(
         _feedback_section(acc, reference),
         "</section></body></html>",
     ]
-    return "\n".join(parts), report, len(points)
+    return "\n".join(parts), verdict, len(points)
 
 
 def write_monitoring_report(
@@ -482,10 +529,15 @@ def write_monitoring_report(
     window: int = 500,
     *,
     history_windows: int = 12,
+    confidence_threshold: float = 0.7,
 ) -> MonitoringReportResult:
     """Write the self-contained HTML report of the last ``window`` predictions to ``out``."""
-    text, report, n_points = build_monitoring_html(
-        reference, predlog_url, window, history_windows=history_windows
+    text, verdict, n_points = build_monitoring_html(
+        reference,
+        predlog_url,
+        window,
+        history_windows=history_windows,
+        confidence_threshold=confidence_threshold,
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -493,4 +545,4 @@ def write_monitoring_report(
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out)
     log.info("wrote %s (%d bytes)", out, len(text))
-    return MonitoringReportResult(out, report, len(text.encode("utf-8")), n_points)
+    return MonitoringReportResult(out, verdict, len(text.encode("utf-8")), n_points)

@@ -15,6 +15,9 @@ prediction log fills with traffic whose drift is known. Scenarios (all 28×28, i
   inverted back by the preprocessing (``invert="auto"``) and look like plain MNIST.
 - ``blur`` — MNIST under a Gaussian blur (sigma 1–2 pixels).
 - ``label-shift`` — MNIST test images of only one or two classes (default 1 and 7).
+- ``printed`` — digits 0–9 rendered from the TrueType fonts bundled with matplotlib
+  (DejaVu Sans/Serif/Mono, STIX, Computer Modern; regular, bold, italic), slightly
+  rotated, scaled to a 20-pixel box and centred like MNIST: typed, not handwritten.
 
 Images go as JSON ``instances`` (the service sees exactly these pixels) or as PNG files
 (``image_format="png"``: the service decodes, centres and possibly inverts them first).
@@ -48,6 +51,7 @@ SCENARIOS: tuple[str, ...] = (
     "inverted",
     "blur",
     "label-shift",
+    "printed",
 )
 DRIFT_SCENARIOS: tuple[str, ...] = tuple(s for s in SCENARIOS if s != "mnist")
 ImageFormat = Literal["json", "png"]
@@ -114,6 +118,52 @@ def _to_canvas(img: np.ndarray, box: int = 20, size: int = 28) -> np.ndarray:
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
 
 
+#: matplotlib's bundled fonts the ``printed`` scenario draws from (mpl-data/fonts/ttf).
+PRINTED_FONTS: tuple[str, ...] = (
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "cmr10.ttf",
+    "cmss10.ttf",
+    "cmtt10.ttf",
+)
+
+
+def printed_digits(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` font-rendered digits (n, 28, 28) uint8, ink high, and their labels (n,)."""
+    import matplotlib
+    from PIL import Image, ImageDraw, ImageFont
+
+    folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    fonts = [ImageFont.truetype(str(folder / name), 64) for name in PRINTED_FONTS]
+    labels = rng.integers(0, 10, n)
+    which = rng.integers(0, len(fonts), n)
+    angles = rng.uniform(-8.0, 8.0, n)
+    out = np.zeros((n, 28, 28), np.uint8)
+    for i in range(n):
+        canvas = Image.new("L", (96, 96), 0)
+        ImageDraw.Draw(canvas).text(
+            (48, 48), str(int(labels[i])), fill=255, font=fonts[which[i]], anchor="mm"
+        )
+        canvas = canvas.rotate(float(angles[i]), resample=Image.Resampling.BILINEAR)
+        a = np.asarray(canvas, dtype=np.float32)
+        rows, cols = np.flatnonzero(a.max(axis=1) > 0), np.flatnonzero(a.max(axis=0) > 0)
+        crop = a[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        side = max(crop.shape)  # keep the aspect ratio: pad to a square, as MNIST did
+        square = np.zeros((side, side), np.float32)
+        top, left = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
+        square[top : top + crop.shape[0], left : left + crop.shape[1]] = crop
+        out[i] = _to_canvas(square)
+    return out, labels.astype(np.int64)
+
+
 def scenario_images(
     scenario: str,
     n: int,
@@ -136,6 +186,9 @@ def scenario_images(
 
     if scenario == "noise":
         return ScenarioImages(scenario, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), None)
+    if scenario == "printed":
+        imgs, labels = printed_digits(n, rng)
+        return ScenarioImages(scenario, imgs, labels)
     if scenario == "foreign-digits":
         from sklearn.datasets import load_digits
 

@@ -34,7 +34,14 @@ log = logging.getLogger(__name__)
 MIN_WINDOW_ROWS = 30
 #: Upper bound on the rows one window may hold (memory and time stay bounded).
 MAX_WINDOW_ROWS = 200_000
-OPTIONAL_COLUMNS = ("stroke_thickness", "thumbnail", "input_pixels", "input_shape")
+OPTIONAL_COLUMNS = (
+    "stroke_thickness",
+    "thumbnail",
+    "input_pixels",
+    "input_shape",
+    "accepted",
+    "reason",
+)
 
 
 class InsufficientDataError(DataError):
@@ -64,6 +71,11 @@ class Window:
     embedding_rows: np.ndarray = field(repr=False)  # row positions the embeddings belong to
     model_versions: tuple[str, ...] = ()
     thumbnails: list[str | None] | None = field(default=None, repr=False)
+    #: Whether the server accepted each prediction (confidence at or above its threshold);
+    #: None when the log has no such column.
+    accepted: np.ndarray | None = field(default=None, repr=False)
+    #: Why the server rejected each input (None: not rejected); None without the column.
+    reasons: list[str | None] | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
@@ -102,6 +114,8 @@ class Window:
             embedding_rows=self.embedding_rows[keep] - start,
             model_versions=self.model_versions,
             thumbnails=None if self.thumbnails is None else self.thumbnails[start:stop],
+            accepted=None if self.accepted is None else self.accepted[start:stop],
+            reasons=None if self.reasons is None else self.reasons[start:stop],
         )
 
 
@@ -319,6 +333,14 @@ def load_window(
         thumbnails=_thumbnails(rows)
         if thumbnails and ("thumbnail" in optional or "input_pixels" in optional)
         else None,
+        accepted=(
+            np.asarray([bool(r["accepted"]) for r in rows]) if "accepted" in optional else None
+        ),
+        reasons=(
+            [None if r["reason"] is None else str(r["reason"]) for r in rows]
+            if "reason" in optional
+            else None
+        ),
     )
 
 
@@ -328,6 +350,7 @@ def window_from_arrays(
     stats: dict[str, np.ndarray],
     embeddings: np.ndarray,
     created_at: list[datetime] | None = None,
+    accepted: np.ndarray | None = None,
 ) -> Window:
     """A window built in memory (benchmarks, tests): rows as the server would log them."""
     n = len(labels)
@@ -342,4 +365,5 @@ def window_from_arrays(
         stats={k: np.asarray(v, dtype=np.float64) for k, v in stats.items()},
         embeddings=np.asarray(embeddings, dtype=np.float32),
         embedding_rows=np.arange(len(embeddings), dtype=np.int64),
+        accepted=None if accepted is None else np.asarray(accepted, dtype=bool),
     )
