@@ -661,6 +661,33 @@ def monitor_report(
     out.print(result.describe())
 
 
+feedback_app = typer.Typer(
+    help="True labels of served predictions, back into training.", no_args_is_help=True
+)
+app.add_typer(feedback_app, name="feedback")
+
+
+@feedback_app.command("export")
+@handle_errors
+def feedback_export(
+    output: Annotated[
+        Path, typer.Option("--out", "-o", help="image folder to write (<class>/*.png)")
+    ] = Path("data/feedback"),
+    predlog_url: PredlogOpt = None,
+    model_version: Annotated[
+        str | None, typer.Option(help="only predictions of this model version")
+    ] = None,
+) -> None:
+    """Write every labelled logged input as an image folder (data.extra_path trains on it)."""
+    from visionops.config import load_settings
+    from visionops.monitor.feedback import export_feedback_images
+
+    result = export_feedback_images(
+        predlog_url or load_settings().predlog_url, output, model_version=model_version
+    )
+    out.print(f"exported {result.describe()}")
+
+
 def main() -> None:
     app(prog_name="visionops")
 

@@ -44,6 +44,12 @@ class DataParams(StrictModel):
     max_class_imbalance: float = Field(
         default=10.0, ge=1.0, description="largest/smallest class count allowed by validate"
     )
+    extra_path: str | None = Field(
+        default="data/feedback",
+        min_length=1,
+        description="image folder (<class>/*.png) added to the training split only "
+        "(nothing while it does not exist); null: none",
+    )
 
     def shape(self) -> tuple[int, int]:
         """(image_size, channels) after applying the source's native defaults."""

@@ -29,7 +29,11 @@ MAX_ECE = 0.03
 def _params(temperature_scaling: bool):
     return params_from_dict(
         {
-            "data": {"path": str(REPO / "data" / "raw" / "mnist"), "limit": 3000, "test_limit": 2000},
+            "data": {
+                "path": str(REPO / "data" / "raw" / "mnist"),
+                "limit": 3000,
+                "test_limit": 2000,
+            },
             "train": {
                 "models": ["cnn"],
                 "epochs": 2,

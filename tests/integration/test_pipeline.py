@@ -79,6 +79,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ws = tmp_path_factory.mktemp("workspace")
     shutil.copytree(REPO / "src", ws / "src", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "data" / "raw" / "mnist", ws / "data" / "raw" / "mnist")
+    shutil.copytree(REPO / "data" / "feedback", ws / "data" / "feedback")
     shutil.copy(REPO / "dvc.yaml", ws / "dvc.yaml")
     (ws / ".gitignore").write_text((REPO / ".gitignore").read_text())
     _write_params(ws, {})

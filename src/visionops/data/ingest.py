@@ -1,9 +1,10 @@
 """Ingest stage: read the configured source, verify it, write ``data/interim/``.
 
 Writes ``layout.dataset_npz`` (``x_train``, ``y_train``, ``x_test``, ``y_test``: uint8 NHWC
-and int64) and ``layout.dataset_json`` (classes, geometry, file names, unreadable files,
-checksums). Ingest keeps the whole source; ``data.limit`` and ``data.test_limit`` are
-applied by prepare.
+and int64; ``x_extra``, ``y_extra``: the images of ``data.extra_path``, for the training
+split only — :mod:`visionops.data.extra`) and ``layout.dataset_json`` (classes,
+geometry, file names, unreadable files, checksums). Ingest keeps the whole source;
+``data.limit`` and ``data.test_limit`` are applied by prepare.
 
 Array files are written in the ``.npz`` format of :func:`numpy.savez` (uncompressed, no
 pickles) by :func:`write_npz`, which fixes the zip timestamps so that the same data
@@ -32,6 +33,7 @@ from visionops.stages import missing_input
 log = logging.getLogger(__name__)
 
 DATASET_KEYS = ("x_train", "y_train", "x_test", "y_test")
+EXTRA_KEYS = ("x_extra", "y_extra")
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
@@ -103,6 +105,7 @@ class IngestResult:
     n_unreadable: int
     dataset_npz: Path
     dataset_json: Path
+    n_extra: int = 0
 
     def summary(self) -> dict[str, float]:
         return {
@@ -112,10 +115,13 @@ class IngestResult:
             "n_unreadable": float(self.n_unreadable),
             "image_size": float(self.image_size),
             "channels": float(self.channels),
+            "n_extra": float(self.n_extra),
         }
 
     def describe(self) -> str:
         extra = f", {self.n_unreadable} unreadable file(s)" if self.n_unreadable else ""
+        if self.n_extra:
+            extra += f", {self.n_extra} extra training image(s)"
         return (
             f"{self.source}: {self.n_train} train + {self.n_test} test images, "
             f"{len(self.classes)} classes, {self.image_size}x{self.image_size}x{self.channels}"
@@ -125,10 +131,32 @@ class IngestResult:
 
 def run_ingest(params: Params, layout: Layout) -> IngestResult:
     """Read ``data.source`` from ``data.path`` and write ``dataset.npz`` + ``dataset.json``."""
+    from visionops.data.extra import ExtraImages, load_extra_images
+    from visionops.data.sources import resolve_path
+    from visionops.data.transforms import PreprocessSpec
+
     ds = load_source(params, layout)
+    shape = (ds.image_size, ds.image_size, ds.channels)
+    extra = (
+        load_extra_images(
+            resolve_path(params.data.extra_path, layout),
+            ds.classes,
+            PreprocessSpec.from_params(params),
+            params.serve.max_pixels,
+        )
+        if params.data.extra_path is not None
+        else ExtraImages(np.zeros((0, *shape), np.uint8), np.zeros(0, np.int64))
+    )
     write_npz(
         layout.dataset_npz,
-        {"x_train": ds.x_train, "y_train": ds.y_train, "x_test": ds.x_test, "y_test": ds.y_test},
+        {
+            "x_train": ds.x_train,
+            "y_train": ds.y_train,
+            "x_test": ds.x_test,
+            "y_test": ds.y_test,
+            "x_extra": extra.x,
+            "y_extra": extra.y,
+        },
     )
     write_json(
         layout.dataset_json,
@@ -146,6 +174,12 @@ def run_ingest(params: Params, layout: Layout) -> IngestResult:
             "checksums": ds.checksums,
             # How image files become model inputs; prepare passes it on to the model.
             "preprocess": params.preprocess.model_dump(mode="json"),
+            "extra": {
+                "path": params.data.extra_path,
+                "n": len(extra.y),
+                "files": extra.files,
+                "unreadable": extra.unreadable,
+            },
         },
     )
     result = IngestResult(
@@ -158,6 +192,7 @@ def run_ingest(params: Params, layout: Layout) -> IngestResult:
         n_unreadable=len(ds.unreadable),
         dataset_npz=layout.dataset_npz,
         dataset_json=layout.dataset_json,
+        n_extra=len(extra.y),
     )
     log.info("ingested %s", result.describe())
     return result

@@ -30,7 +30,14 @@ from typing import Any
 import numpy as np
 
 from visionops.config import Params
-from visionops.data.ingest import DATASET_KEYS, read_json, read_npz, write_json, write_npz
+from visionops.data.ingest import (
+    DATASET_KEYS,
+    EXTRA_KEYS,
+    read_json,
+    read_npz,
+    write_json,
+    write_npz,
+)
 from visionops.data.validate import image_digests
 from visionops.errors import DataError
 from visionops.layout import Layout
@@ -123,6 +130,20 @@ def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     return means, stds
 
 
+def _extra_images(layout: Layout, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """``x_extra``/``y_extra`` of ``dataset.npz``; empty when an older ingest wrote none."""
+    try:
+        a = read_npz(layout.dataset_npz, EXTRA_KEYS)
+    except DataError:
+        return np.zeros((0, *shape), np.uint8), np.zeros(0, np.int64)
+    if a["x_extra"].ndim != 4 or tuple(a["x_extra"].shape[1:]) != tuple(shape):
+        raise DataError(
+            f"{layout.dataset_npz}: extra images of shape {a['x_extra'].shape[1:]}, "
+            f"the dataset's are {tuple(shape)}; run ingest again"
+        )
+    return a["x_extra"].astype(np.uint8), a["y_extra"].astype(np.int64)
+
+
 def run_prepare(params: Params, layout: Layout) -> PrepareResult:
     """Split, cap and compute statistics from the ingest outputs; write data/prepared/."""
     meta = read_json(layout.dataset_json)
@@ -161,9 +182,23 @@ def run_prepare(params: Params, layout: Layout) -> PrepareResult:
     if params.data.test_limit is not None and params.data.test_limit < len(y_test):
         test_idx = np.sort(rng_test.choice(len(y_test), params.data.test_limit, replace=False))
 
-    mean, std = channel_stats(x_train[train_idx])
+    # Extra training images (data.extra_path, e.g. labelled served inputs): the training
+    # split only, after the limit, never an exact copy of a test image.
+    x_extra, y_extra = _extra_images(layout, x_train.shape[1:])
+    extra_keep = np.fromiter(
+        (d not in test_digests for d in image_digests(x_extra)), dtype=bool, count=len(x_extra)
+    )
+    x_extra, y_extra = x_extra[extra_keep], y_extra[extra_keep]
+    if len(y_extra):
+        log.info("adding %d extra training image(s) from data.extra_path", len(y_extra))
+
+    x_fit = np.concatenate([x_train[train_idx], x_extra])
+    y_fit = np.concatenate([y_train[train_idx], y_extra])
+    # index: position in dataset.npz's x_train; -1 - i for the i-th extra image.
+    fit_index = np.concatenate([train_idx, -1 - np.flatnonzero(extra_keep)]).astype(np.int64)
+    mean, std = channel_stats(x_fit)
+    write_npz(layout.split_npz("train"), {"x": x_fit, "y": y_fit, "index": fit_index})
     for split, x, y, idx in (
-        ("train", x_train, y_train, train_idx),
         ("val", x_train, y_train, val_idx),
         ("test", x_test, y_test, test_idx),
     ):
@@ -175,7 +210,8 @@ def run_prepare(params: Params, layout: Layout) -> PrepareResult:
         "channels": int(x_train.shape[3]),
         "mean": mean,
         "std": std,
-        "n_train": len(train_idx),
+        "n_train": len(y_fit),
+        "n_extra": len(y_extra),
         "n_val": len(val_idx),
         "n_test": len(test_idx),
         "source": source,
@@ -190,7 +226,7 @@ def run_prepare(params: Params, layout: Layout) -> PrepareResult:
     result = PrepareResult(
         source=source,
         classes=classes,
-        n_train=len(train_idx),
+        n_train=len(y_fit),
         n_val=len(val_idx),
         n_test=len(test_idx),
         mean=mean,

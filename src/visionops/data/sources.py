@@ -571,10 +571,15 @@ def convert_arrays(x: np.ndarray, image_size: int, channels: int) -> np.ndarray:
     return out
 
 
+def resolve_path(path: str, layout: Layout) -> Path:
+    """A path from params: relative paths are taken from the project root."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else layout.root / p
+
+
 def resolve_data_path(params: Params, layout: Layout) -> Path:
     """``data.path``, relative paths taken from the project root."""
-    p = Path(params.data.path).expanduser()
-    return p if p.is_absolute() else layout.root / p
+    return resolve_path(params.data.path, layout)
 
 
 def load_source(params: Params, layout: Layout) -> RawDataset:

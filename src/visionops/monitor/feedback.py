@@ -12,6 +12,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -221,3 +222,98 @@ def feedback_counts(engine: Engine, prediction_ids: Any) -> tuple[int, int]:
     wanted = set(ids.tolist())
     hits = [bool(r.correct) for r in rows if int(r.prediction_id) in wanted]
     return len(hits), sum(hits)
+
+
+@dataclass(frozen=True)
+class FeedbackExportResult:
+    """What ``visionops feedback export`` wrote."""
+
+    path: Path
+    written: int
+    per_class: dict[str, int]
+    without_pixels: int  # labelled rows logged without their input (an older server)
+
+    def summary(self) -> dict[str, float]:
+        return {"written": float(self.written), "without_pixels": float(self.without_pixels)}
+
+    def describe(self) -> str:
+        classes = ", ".join(f"{k}: {v}" for k, v in self.per_class.items()) or "none"
+        skipped = (
+            f"; {self.without_pixels} labelled row(s) have no logged input"
+            if self.without_pixels
+            else ""
+        )
+        return f"{self.written} labelled input(s) to {self.path} ({classes}){skipped}"
+
+
+def _safe_class_folder(label: str) -> str:
+    if not label or label in (".", "..") or "/" in label or "\\" in label or "\0" in label:
+        raise DataError(f"class name {label!r} cannot be a folder name; rename the class")
+    return label
+
+
+def export_feedback_images(
+    url: str, out: str | Path, *, model_version: str | None = None
+) -> FeedbackExportResult:
+    """Write every labelled, logged input as ``out/<true label>/fb-<prediction id>.png``.
+
+    The image is the model-sized input the server scored (``input_pixels``: uint8
+    H×W×C, ink high), so ingesting the folder with the same preprocessing gives the same
+    pixels back. ``model_version`` keeps one version's predictions. Existing files are
+    overwritten (same prediction, same name), nothing else in ``out`` is touched. Raises
+    :class:`DataError` when the log cannot be read or holds no labelled prediction.
+    """
+    from PIL import Image
+
+    from visionops.serve.predlog import create_predlog_engine, decode_pixels, safe_url
+
+    engine = create_predlog_engine(url)
+    p, f = predictions_table, feedback_table
+    try:
+        with engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            if not inspector.has_table(f.name) or not inspector.has_table(p.name):
+                raise DataError(f"{safe_url(url)} holds no feedback yet (POST /v1/feedback)")
+            columns = {c["name"] for c in inspector.get_columns(p.name)}
+            if "input_pixels" not in columns:
+                raise DataError(
+                    f"{safe_url(url)}: the prediction log has no input_pixels column "
+                    "(written by an older server); serve with this version to log inputs"
+                )
+            query = (
+                sa.select(f.c.prediction_id, f.c.label, p.c.input_pixels, p.c.input_shape)
+                .join(p, p.c.id == f.c.prediction_id)
+                .order_by(f.c.prediction_id)
+            )
+            if model_version is not None:
+                query = query.where(f.c.model_version == model_version)
+            rows = conn.execute(query).all()
+    except sa.exc.SQLAlchemyError as exc:
+        raise DataError(f"cannot read the prediction log {safe_url(url)}: {exc}") from None
+    finally:
+        engine.dispose()
+    if not rows:
+        which = f" of model version {model_version}" if model_version else ""
+        raise DataError(f"no labelled prediction{which} in {safe_url(url)}")
+    root = Path(out)
+    per_class: Counter[str] = Counter()
+    missing = 0
+    for row in rows:
+        try:
+            pixels = decode_pixels(row.input_pixels, row.input_shape)
+        except DataError:  # a damaged row: skipped and counted, not fatal
+            pixels = None
+        if pixels is None:
+            missing += 1
+            continue
+        folder = root / _safe_class_folder(str(row.label))
+        folder.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+        image.save(folder / f"fb-{int(row.prediction_id)}.png")
+        per_class[str(row.label)] += 1
+    return FeedbackExportResult(
+        path=root,
+        written=sum(per_class.values()),
+        per_class=dict(sorted(per_class.items())),
+        without_pixels=missing,
+    )
