@@ -80,6 +80,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     work = tmp_path_factory.mktemp("browser")
     real = os.environ.get("VISIONOPS_BROWSER_MODEL_URI")
     model = Path(real).resolve() if real else sf.build_tiny_model(work / "exported")
+    if not real:
+        # The monitoring report needs the model's reference profile (export writes it).
+        from visionops.monitor.reference import build_reference_profile
+        from visionops.monitor.simulate import load_mnist_test
+
+        x, y = load_mnist_test(REPO / "data" / "raw" / "mnist")
+        build_reference_profile(model, x[:300, :, :, None], sf.SPEC, y[:300])
     env = {"VISIONOPS_PREDLOG_URL": f"sqlite:///{work / 'predictions.db'}"}
     with sf.server_process(model, work, env=env) as srv:
         yield srv
@@ -176,3 +183,57 @@ def test_page_reports_server_errors(browser: Any, server: Any) -> None:
     assert "cannot identify image file" in page.inner_text("#status")
     assert page.get_attribute("#label", "data-seq") == "0"
     page.close()
+
+
+def test_wrong_answer_feedback_is_counted_on_the_monitoring_page(browser: Any, server: Any) -> None:
+    # The report needs a window of at least 30 logged predictions.
+    for i in range(40):
+        api_predict(server.url, sf.digit_png(("one", "zero", "seven")[i % 3]))
+    before = httpx.get(f"{server.url}/monitoring", timeout=60)
+    assert before.status_code == 200, before.text
+    labelled_before = int(
+        before.text.split('id="feedback-summary" data-labelled="', 1)[1].split('"', 1)[0]
+    )
+
+    page = browser.new_page(viewport={"width": 900, "height": 700})
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.goto(server.url + "/")
+    page.wait_for_selector("#model-version[data-loaded]", timeout=30_000)
+    upload = sf.digit_png("seven")
+    page.set_input_files(
+        "#file", files=[{"name": "seven.png", "mimeType": "image/png", "buffer": upload}]
+    )
+    wait_for_answer(page, 1)
+    predicted = page.inner_text("#label")
+    request_id = page.get_attribute("#label", "data-request-id")
+    assert request_id
+    assert page.locator("#feedback").is_visible()
+    assert not page.locator("#fb-choose").is_visible()
+
+    # "wrong — it was a …": the choice offers every class but the predicted one.
+    page.click("#fb-wrong")
+    assert page.locator("#fb-choose").is_visible()
+    options = page.locator("#fb-label option").all_inner_texts()
+    assert predicted not in options and len(options) == 9
+    truth = "7" if predicted != "7" else "1"
+    page.select_option("#fb-label", truth)
+    page.click("#fb-send")
+    page.wait_for_selector(f'#fb-status[data-sent="{truth}"]', timeout=30_000)
+    assert f"it was a {truth}" in page.inner_text("#fb-status")
+
+    # The monitoring page counts it: one more labelled prediction, and it was wrong.
+    page.goto(server.url + "/monitoring")
+    summary = page.locator("#feedback-summary")
+    assert summary.get_attribute("data-labelled") == str(labelled_before + 1)
+    assert page.locator("#realised-accuracy").is_visible()
+    assert f"{labelled_before + 1} labelled" in page.inner_text("#realised-accuracy")
+    assert page.locator("#alarm").is_visible() and page.locator("#data-drift").is_visible()
+    assert problems == []
+    page.close()
+    # The monitoring API agrees: realised accuracy over the window's labelled rows.
+    verdict = httpx.get(f"{server.url}/v1/monitoring/drift?window=100", timeout=60).json()
+    realised = verdict["realised_accuracy"]
+    assert realised["labelled"] == labelled_before + 1 and realised["correct"] == 0
+    assert verdict["estimated_accuracy"]["n"] == verdict["window"]["size"]
+    assert isinstance(verdict["alarm"], bool) and isinstance(verdict["alarm_reasons"], list)

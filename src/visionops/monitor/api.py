@@ -295,8 +295,11 @@ def create_monitoring_router(
         resolved = resolve()
         if isinstance(resolved, JSONResponse):
             body = bytes(resolved.body).decode()
+            url = get_predlog_url()
             return HTMLResponse(
-                _message_page(body), status_code=resolved.status_code, headers=REPORT_HEADERS
+                _message_page(body, feedback_html(url) if url else ""),
+                status_code=resolved.status_code,
+                headers=REPORT_HEADERS,
             )
         reference, url = resolved
         try:
@@ -308,8 +311,24 @@ def create_monitoring_router(
                 confidence_threshold=get_confidence_threshold(),
             )
         except InsufficientDataError as exc:
-            return HTMLResponse(_message_page(str(exc)), status_code=422, headers=REPORT_HEADERS)
+            return HTMLResponse(
+                _message_page(str(exc), feedback_html(url)), status_code=422, headers=REPORT_HEADERS
+            )
         return HTMLResponse(text, headers=REPORT_HEADERS)
+
+    def feedback_html(url: str) -> str:
+        """The feedback section alone, for pages that cannot show the whole report."""
+        from visionops.monitor.feedback import feedback_accuracy
+        from visionops.monitor.report import feedback_section
+
+        try:
+            acc = feedback_accuracy(engine_for(url))
+        except Exception:  # the log itself is unreadable: the message says why already
+            log.exception("monitoring page: cannot read the feedback")
+            return ""
+        return '<section id="feedback"><h2>Realised accuracy (feedback)</h2>' + (
+            feedback_section(acc, None) + "</section>"
+        )
 
     return router
 
@@ -333,7 +352,7 @@ def install_monitoring(app: Any, service: Any) -> None:
     )
 
 
-def _message_page(message: str) -> str:
+def _message_page(message: str, extra_html: str = "") -> str:
     import contextlib
     import html
     import json
@@ -343,7 +362,9 @@ def _message_page(message: str) -> str:
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         "<title>visionops monitoring</title>"
-        "</head><body><h1>visionops monitoring</h1><p>"
+        '</head><body><h1>visionops monitoring</h1><p id="message">'
         + html.escape(message)
-        + "</p></body></html>"
+        + "</p>"
+        + extra_html
+        + "</body></html>"
     )

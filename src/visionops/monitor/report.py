@@ -371,16 +371,19 @@ def _atypical_table(
     return "<table>" + head + "".join(rows) + "</table>"
 
 
-def _feedback_section(acc: FeedbackAccuracy | None, reference: ReferenceProfile) -> str:
+def feedback_section(acc: FeedbackAccuracy | None, reference: ReferenceProfile | None) -> str:
+    """The feedback part of the report: realised accuracy over every labelled prediction
+    (also shown on /monitoring when the rest of the report cannot be built)."""
     ref_acc = (
         f" The reference (validation) accuracy is <b>{reference.accuracy:.4f}</b>."
-        if reference.accuracy is not None
+        if reference is not None and reference.accuracy is not None
         else ""
     )
     if acc is None or acc.labelled == 0:
         return (
-            "<p>No labelled predictions yet: send true labels with "
-            '<code>POST /v1/feedback {"request_id": …, "label": …}</code>.' + ref_acc + "</p>"
+            '<p id="feedback-summary" data-labelled="0">No labelled predictions yet: say '
+            '"wrong" (or "right") under a prediction on the web page, or send true labels '
+            'with <code>POST /v1/feedback {"request_id": …, "label": …}</code>.' + ref_acc + "</p>"
         )
     assert acc.accuracy is not None
     rows = "".join(
@@ -392,8 +395,11 @@ def _feedback_section(acc: FeedbackAccuracy | None, reference: ReferenceProfile)
         for k, (n, c) in acc.by_version.items()
     )
     return (
-        f"<p>Accuracy on <b>{acc.labelled}</b> labelled predictions: <b>{acc.accuracy:.4f}</b> "
-        f"({acc.correct} correct).{ref_acc}</p>"
+        f'<p id="feedback-summary" data-labelled="{acc.labelled}" data-correct="{acc.correct}">'
+        f"Realised accuracy on <b>{acc.labelled}</b> labelled predictions: "
+        f"<b>{acc.accuracy:.4f}</b> ({acc.correct} correct).{ref_acc} Labels given on the web "
+        "page are self-selected (people report mistakes more often than successes): read "
+        "this as a lower bound.</p>"
         "<h3>By model version</h3><table>"
         "<tr><th>version</th><th>labelled</th><th>accuracy</th></tr>"
         + versions
@@ -516,7 +522,7 @@ def build_monitoring_html(
         _atypical_table(current, unsure, scores, with_thumbs),
         "</section>",
         '<section id="feedback"><h2>Accuracy on labelled feedback</h2>',
-        _feedback_section(acc, reference),
+        feedback_section(acc, reference),
         "</section></body></html>",
     ]
     return "\n".join(parts), verdict, len(points)

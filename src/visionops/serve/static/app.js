@@ -13,6 +13,10 @@
   const statusEl = document.getElementById("status");
   const versionEl = document.getElementById("model-version");
   const predictBtn = document.getElementById("predict");
+  const feedbackEl = document.getElementById("feedback");
+  const fbChoose = document.getElementById("fb-choose");
+  const fbLabel = document.getElementById("fb-label");
+  const fbStatus = document.getElementById("fb-status");
 
   let classes = [];
   let drawing = false;
@@ -20,6 +24,7 @@
   let source = "canvas"; // "canvas" or "file": what Predict sends
   let last = null;
   let seq = 0;
+  let answered = null; // {label, requestId} of the prediction on screen
 
   function clearCanvas() {
     ctx.fillStyle = "#000";
@@ -112,7 +117,83 @@
     seq += 1;
     labelEl.dataset.requestId = requestId || "";
     labelEl.dataset.seq = String(seq); // lets tests wait for a fresh answer
+    answered = requestId ? { label: prediction.label, requestId: requestId } : null;
+    resetFeedback();
   }
+
+  // Feedback: "wrong — it was a 7" (or "right") goes to POST /v1/feedback with the
+  // request id, so the monitoring report can show realised accuracy beside the estimate.
+  function resetFeedback() {
+    feedbackEl.hidden = !answered;
+    fbChoose.hidden = true;
+    fbStatus.textContent = "";
+    delete fbStatus.dataset.sent;
+    for (const b of feedbackEl.querySelectorAll("button")) b.disabled = false;
+  }
+
+  async function sendFeedback(label) {
+    if (!answered) return;
+    const body = JSON.stringify({ request_id: answered.requestId, label: label });
+    for (const b of feedbackEl.querySelectorAll("button")) b.disabled = true;
+    fbStatus.textContent = "sending…";
+    // The prediction log is written in the background: a label sent within milliseconds
+    // of the prediction may find no row yet (404), so retry a few times.
+    for (let attempt = 0; attempt < 10; attempt += 1) {
+      let res;
+      try {
+        res = await fetch("/v1/feedback", {
+          method: "POST",
+          headers: { "Content-Type": "application/json" },
+          body: body,
+        });
+      } catch (e) {
+        fbStatus.textContent = "feedback failed: " + e;
+        break;
+      }
+      if (res.ok) {
+        const saved = await res.json();
+        fbStatus.textContent = saved.correct
+          ? "thanks: recorded as right"
+          : "thanks: recorded, it was a " + saved.label;
+        fbStatus.dataset.sent = saved.label;
+        fbChoose.hidden = true;
+        return;
+      }
+      if (res.status !== 404 || attempt === 9) {
+        let msg = res.status + " " + res.statusText;
+        try {
+          const err = await res.json();
+          if (err && err.error) msg = err.error.message;
+        } catch (e) {
+          // keep the status line
+        }
+        fbStatus.textContent = "feedback not recorded: " + msg;
+        break;
+      }
+      await new Promise((r) => setTimeout(r, 300));
+    }
+    for (const b of feedbackEl.querySelectorAll("button")) b.disabled = false;
+  }
+
+  document.getElementById("fb-right").addEventListener("click", () => {
+    if (answered) sendFeedback(answered.label);
+  });
+  document.getElementById("fb-wrong").addEventListener("click", () => {
+    if (!answered) return;
+    fbLabel.replaceChildren();
+    for (const name of classes) {
+      if (name === answered.label) continue;
+      const opt = document.createElement("option");
+      opt.value = name;
+      opt.textContent = name;
+      fbLabel.appendChild(opt);
+    }
+    fbChoose.hidden = false;
+    fbStatus.textContent = "";
+  });
+  document.getElementById("fb-send").addEventListener("click", () => {
+    if (fbLabel.value) sendFeedback(fbLabel.value);
+  });
 
   async function predictBlob(blob, name) {
     const form = new FormData();
@@ -188,6 +269,8 @@
     confidenceEl.textContent = "–";
     acceptedEl.hidden = true;
     barsEl.replaceChildren();
+    answered = null;
+    resetFeedback();
     setStatus("");
   });
 
