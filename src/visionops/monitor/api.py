@@ -118,13 +118,13 @@ class MonitoringMetrics:
         )
         self.estimated_accuracy = Gauge(
             "visionops_estimated_accuracy",
-            "CBPE accuracy estimate of the last checked window (bound: low/value/high).",
+            "Estimated accuracy (no labels) of the last checked window (bound: low/value/high).",
             ["bound"],
             registry=registry,
         )
         self.reference_accuracy = Gauge(
-            "visionops_reference_estimated_accuracy",
-            "The reference's estimated accuracy (mean calibrated confidence).",
+            "visionops_reference_accuracy",
+            "Accuracy of the reference (validation split) the estimate is compared with.",
             registry=registry,
         )
         self.realised_accuracy = Gauge(
