@@ -3,6 +3,8 @@
 The six statistics the prediction log already stores are those of
 :func:`visionops.serve.predlog.input_statistics` (the server's definition;
 :func:`logged_statistics` computes them for a whole batch and is tested equal to it).
+This module imports nothing from the server (the server imports it), so there is no
+import cycle between the two.
 :func:`stroke_thickness` adds a seventh, compared only when the prediction log has a
 ``stroke_thickness`` column.
 
@@ -16,7 +18,8 @@ import io
 
 import numpy as np
 
-from visionops.serve.predlog import INK_THRESHOLD
+#: uint8: a pixel at least half-way to full ink counts as ink.
+INK_THRESHOLD = 128
 
 #: The statistics of :func:`input_statistics`, in the prediction log's column order.
 LOGGED_STATS: tuple[str, ...] = (

@@ -38,10 +38,9 @@ from sqlalchemy.engine import Engine, make_url
 
 from visionops.config import database_url
 from visionops.errors import ConfigError, DataError
+from visionops.monitor.stats import INK_THRESHOLD, logged_statistics, stroke_thickness
 
 log = logging.getLogger(__name__)
-
-INK_THRESHOLD = 128  # uint8: a pixel at least half-way to full ink counts as ink
 
 metadata = sa.MetaData()
 predictions_table = sa.Table(
@@ -276,9 +275,6 @@ class _MonitorStats:
 
     @classmethod
     def load(cls) -> _MonitorStats:
-        # Imported late: visionops.monitor.stats itself imports this module.
-        from visionops.monitor.stats import logged_statistics, stroke_thickness
-
         return cls(logged_statistics, stroke_thickness)
 
 
