@@ -114,13 +114,17 @@ def test_exported_graph_matches_torch_at_any_batch_size(layout: Layout) -> None:
     from visionops.models.zoo import load_trained
 
     model, _ = load_trained(layout.model_dir("mlp"))
+    # The graph applies the temperature fitted on the validation split.
+    meta = json.loads((layout.export_dir / "metadata.json").read_text())
+    temperature = meta["calibration"]["temperature"]
+    assert meta["calibration"]["method"] == "temperature scaling" and temperature > 0
     with np.load(layout.split_npz("test")) as data:
         x_all = normalize(data["x"], SPEC)
     for n in (1, 5, 70):
         x = x_all[:n]
         probs, emb = session.run(None, {"input": x})
         with torch.no_grad():
-            want_probs = torch.softmax(model(torch.from_numpy(x)), dim=1).numpy()
+            want_probs = torch.softmax(model(torch.from_numpy(x)) / temperature, dim=1).numpy()
             want_emb = model.forward_features(torch.from_numpy(x)).numpy()
         assert probs.shape == (n, 3)
         assert emb.shape == (n, model.embedding_dim)

@@ -332,7 +332,10 @@ def test_feedback_endpoint(tmp_path: Path, reference: ReferenceProfile) -> None:
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_label"
     assert client.post("/v1/feedback", json={"label": "1"}).status_code == 422
     page = client.get("/monitoring", params={"window": 100})
-    assert page.status_code == 200 and "Accuracy on <b>1</b> labelled predictions" in page.text
+    assert page.status_code == 200 and "accuracy on <b>1</b> labelled predictions" in page.text
+    assert 'id="feedback-summary" data-labelled="1" data-correct="1"' in page.text
+    # The window's own labelled rows: realised accuracy beside the estimate.
+    assert 'id="realised-accuracy"><td>realised accuracy (1 labelled)' in page.text
 
 
 def test_monitoring_page(predlog_url: str, reference: ReferenceProfile) -> None:
