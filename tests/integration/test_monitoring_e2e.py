@@ -124,6 +124,8 @@ def test_drift_endpoint_flips_from_mnist_to_foreign_handwriting(server, exported
     calm = _drift(url)
     assert calm["window"]["size"] == WINDOW
     assert calm["drift_detected"] is False, [t for t in calm["tests"] if t["drift"]]
+    assert calm["alarm"] is False, calm["alarm_reasons"]
+    assert calm["estimated_accuracy"]["low"] <= calm["estimated_accuracy"]["high"]
     assert {t["name"] for t in calm["tests"]} >= {"confidence", "predicted_class"}
     assert _check(predlog_url, exported_model, work).returncode == 0
 
@@ -132,8 +134,12 @@ def test_drift_endpoint_flips_from_mnist_to_foreign_handwriting(server, exported
     storm = _drift(url)
     assert storm["drift_detected"] is True
     assert any(t["drift"] for t in storm["tests"])
+    # Other writers the model reads worse: the alarm, not only a warning.
+    assert storm["alarm"] is True and storm["alarm_reasons"], storm["estimated_accuracy"]
+    assert storm["estimated_accuracy"]["value"] < calm["estimated_accuracy"]["value"]
     check = _check(predlog_url, exported_model, work)
     assert check.returncode == 1, check.stdout + check.stderr
 
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
     assert "visionops_drift_detected 1.0" in metrics
+    assert "visionops_monitoring_alarm 1.0" in metrics
