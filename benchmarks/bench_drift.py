@@ -1,6 +1,7 @@
-"""Drift detection benchmark: false alarms, detection power and speed.
+"""Monitoring benchmark: alarms on harm, data drift as a warning, estimated accuracy.
 
-    python benchmarks/bench_drift.py [--model-dir exported] [--windows 100] [--window-size 200]
+    python benchmarks/bench_drift.py [--model-dir exported] [--windows 100]
+                                     [--window-sizes 200 5000] [--markdown-only]
 
 Needs an exported model folder (``model.onnx`` + ``metadata.json``, e.g. ``exported/``
 after ``make run``) with its ``reference.json`` — or ``--val-split`` (default
@@ -11,16 +12,21 @@ Windows are computed the way the server would compute its log rows, without HTTP
 scenario's images go through the server's input path (JSON ``instances`` →
 ``prepare_instance``, or PNG bytes → ``decode_image`` + ``image_to_array``), are
 normalised and scored by ONNX Runtime, and their statistics are those the prediction log
-stores. Measured:
+stores; ``accepted`` is ``confidence >= --confidence-threshold``. Every window gets the
+full verdict (:func:`visionops.monitor.verdict.assess_window`). Measured:
 
-1. the false alarm rate over ``--windows`` windows of ``--window-size`` in-distribution
-   MNIST test images (random samples; target ≤ 5 %), sent as JSON and as PNG uploads;
-2. for each drift scenario of :mod:`visionops.monitor.simulate`, the detection rate over
-   as many windows (target ≥ 95 %);
+1. in-distribution MNIST test images at windows of 200 and 5,000: i.i.d. samples and
+   consecutive writer blocks of the test set in its order (JSON, and PNG uploads at
+   200): the alarm rate (target ≤ 5 %), data-drift warnings in their own column, and
+   the estimated vs realised accuracy (target: within 3 points);
+2. for each scenario of :mod:`visionops.monitor.simulate`, the alarm rate (target
+   ≥ 95 %; label shift: data drift ≥ 95 %, not harmful) and estimated vs realised
+   accuracy (foreign digits: within 3 points);
 3. the time to evaluate drift over 10,000 logged predictions (read from a real SQLite
    prediction log + every test; target < 1 s).
 
-Writes ``benchmarks/results/drift.json`` and ``drift.md``.
+Writes ``benchmarks/results/drift.json`` and ``drift.md`` (``--markdown-only``
+re-renders the markdown from the JSON of the last run).
 """
 
 from __future__ import annotations
@@ -324,6 +330,24 @@ def to_markdown(res: dict[str, Any]) -> str:
                 ok = ok and abs(r["estimation_error"]) <= TARGET_ESTIMATION_ERROR
             target = f"≥ 95 % {'✅' if ok else '❌'}"
         lines.append(_row(name, r, target))
+    ref_acc = res["reference"].get("accuracy")
+    for name, r in det.items():
+        real = r["realised_accuracy"]
+        if (
+            name not in HARMLESS_SCENARIOS
+            and r["rate"] < TARGET_DETECTION
+            and real is not None
+            and ref_acc is not None
+            and real >= ref_acc - res["min_accuracy_drop"]
+        ):
+            lines += [
+                "",
+                f"**{name}**: the model is right on {_pct(real)} of these inputs (the "
+                f"reference: {_pct(ref_acc)}): they differ (data drift on "
+                f"{_pct(r['drift_rate'])} of the windows) but do not harm this model, so the "
+                f"alarm stays quiet on {_pct(1 - r['rate'])} of them. The ≥ 95 % target "
+                "assumed harm that this model does not suffer.",
+            ]
     shift = det.get("label-shift")
     if shift and shift.get("first_window_class_counts"):
         counts = ", ".join(f"'{k}' {v}" for k, v in shift["first_window_class_counts"].items() if v)
@@ -381,8 +405,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-png", action="store_true", help="skip the PNG-upload rows")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument(
+        "--markdown-only",
+        action="store_true",
+        help="re-render drift.md from the drift.json of the last run (no measurement)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.markdown_only:
+        result = json.loads((args.out / "drift.json").read_text())
+        (args.out / "drift.md").write_text(to_markdown(result))
+        print(to_markdown(result))
+        return 0
 
     meta = json.loads((args.model_dir / "metadata.json").read_text())
     spec = PreprocessSpec.from_dict(meta["preprocess"])
