@@ -286,17 +286,20 @@ def to_markdown(res: dict[str, Any]) -> str:
         f"Model `{res['model_dir']}` ({res['reference'].get('model_name')}, digest "
         f"`{res['reference'].get('model_digest')}`, temperature "
         f"{res['temperature']:.3f}); reference of {res['reference']['n_images']} validation "
-        f"images (estimated accuracy {_pct(res['reference_estimate'])}, realised "
-        f"{_pct(res['reference'].get('accuracy'))}). {res['machine']}.",
+        f"images (accuracy {_pct(res['reference'].get('accuracy'))}, mean confidence "
+        f"{_pct(res['reference_estimate'])}). {res['machine']}.",
         "",
         "Two levels per window (`visionops.monitor.verdict`): **alarm** = a risk to "
-        "performance — the CBPE estimated accuracy more than "
-        f"{100 * res['min_accuracy_drop']:g} points below the reference's beyond its 95 % "
-        "interval, or the low-confidence share (confidence below "
-        f"{res['confidence_threshold']:g}) up by at least {100 * res['min_rejected_rise']:g}"
-        " points (binomial p < 0.01); **data drift** = a warning: a test both significant "
-        f"({res['tests']} tests, {res['correction']} at alpha {res['alpha']}) and at least "
-        f"its minimum effect ({effects}).",
+        "performance — the estimated accuracy (average thresholded confidence on the "
+        "calibrated top-1 probabilities, threshold "
+        f"{res.get('atc_threshold') or float('nan'):.3f} from the whole validation split) "
+        f"more than {100 * res['min_accuracy_drop']:g} points below the reference's "
+        "accuracy beyond its 95 % interval, or the low-confidence share (confidence below "
+        f"{res['confidence_threshold']:g}) or the out-of-distribution share (embedding "
+        "farther from the reference than 99 % of its own) up by at least "
+        f"{100 * res['min_rejected_rise']:g} points (binomial p < 0.01); **data drift** = a "
+        f"warning: a test both significant ({res['tests']} tests, {res['correction']} at "
+        f"alpha {res['alpha']}) and at least its minimum effect ({effects}).",
         "",
         "Estimate error = mean estimated − mean realised accuracy over the windows "
         "(systematic error; target ≤ 3 points for in-distribution and foreign windows); "
@@ -479,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_dir": str(args.model_dir),
         "reference": reference.info(),
         "reference_estimate": float(np.mean(reference.confidence)),
+        "atc_threshold": reference.atc_threshold,
         "temperature": float((meta.get("calibration") or {}).get("temperature", 1.0)),
         "window_sizes": args.window_sizes,
         "windows": args.windows,

@@ -18,11 +18,10 @@ from visionops.monitor.feedback import export_feedback_images, record_feedback
 from visionops.monitor.performance import (
     MIN_LABELLED,
     assess_performance,
-    atc_threshold,
     estimate_accuracy,
     wilson_interval,
 )
-from visionops.monitor.reference import ReferenceProfile
+from visionops.monitor.reference import ReferenceProfile, atc_threshold
 from visionops.monitor.verdict import assess_window
 from visionops.monitor.window import Window, window_from_arrays
 from visionops.serve.predlog import (
@@ -124,6 +123,8 @@ def test_atc_estimate_is_the_share_above_the_reference_threshold() -> None:
     assert est.method == "ATC" and est.value == pytest.approx(0.7)
     assert (est.low, est.high) == pytest.approx(wilson_interval(70, 100))
     assert est.cbpe == pytest.approx(conf.mean()) and est.reference == 0.9
+    # The reference's own threshold (from its whole split) wins over its sample's.
+    assert estimate_accuracy(conf, ref_conf, 0.9, threshold=0.995).value == 0.0
     # Without the reference's accuracy: CBPE, the mean confidence.
     cbpe = estimate_accuracy(conf, ref_conf, None)
     assert cbpe.method == "CBPE" and cbpe.value == pytest.approx(conf.mean())

@@ -154,6 +154,10 @@ def test_build_reference_profile_writes_and_round_trips(model_dir: Path) -> None
     assert profile.classes == tuple(CLASSES) and profile.n_images == 300
     assert list(profile.class_counts) == list(np.bincount(probs.argmax(1), minlength=3))
     assert profile.accuracy == pytest.approx(0.9)
+    # The accuracy estimate's threshold comes from all 300 images, not the sample:
+    # 90 % of the confidences lie above it.
+    assert profile.atc_threshold is not None
+    assert np.mean(probs.max(1) > profile.atc_threshold) == pytest.approx(0.9, abs=0.01)
     assert len(profile.confidence) == 200 and profile.embeddings.shape == (50, 6)
     assert profile.model_name == "tiny" and profile.model_version is None
     digest = hashlib.sha256((model_dir / "model.onnx").read_bytes()).hexdigest()[:16]
@@ -170,6 +174,7 @@ def test_build_reference_profile_writes_and_round_trips(model_dir: Path) -> None
     loaded = load_reference(model_dir)
     assert resolve_reference(str(model_dir / REFERENCE_FILE)).n_images == 300
     assert loaded.classes == profile.classes and loaded.accuracy == profile.accuracy
+    assert loaded.atc_threshold == profile.atc_threshold
     assert np.allclose(loaded.confidence, profile.confidence, atol=1e-6)
     assert np.array_equal(loaded.embeddings, profile.embeddings)
     for name in profile.stats:

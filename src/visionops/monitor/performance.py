@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from visionops.errors import ConfigError
-from visionops.monitor.reference import ReferenceProfile
+from visionops.monitor.reference import ReferenceProfile, atc_threshold
 from visionops.monitor.window import Window
 
 #: Two-sided 95 % normal quantile for the intervals.
@@ -186,24 +186,19 @@ class PerformanceReport:
         return f"no alarm: {text}"
 
 
-def atc_threshold(reference_confidence: np.ndarray, reference_accuracy: float) -> float:
-    """ATC's threshold: the confidence above which the reference's share of predictions
-    equals its accuracy (the ``1 - accuracy`` quantile of its confidences)."""
-    c = np.asarray(reference_confidence, dtype=np.float64)
-    return float(np.quantile(c, min(max(1.0 - reference_accuracy, 0.0), 1.0)))
-
-
 def estimate_accuracy(
     confidence: np.ndarray,
     reference_confidence: np.ndarray,
     reference_accuracy: float | None,
     z: float = Z_95,
+    threshold: float | None = None,
 ) -> AccuracyEstimate:
     """Estimated accuracy of a window from its top-1 probabilities ``confidence`` (N,).
 
     ATC (see the module docstring) with a Wilson interval when the reference's accuracy
-    is known; otherwise CBPE, ``mean(c) ± z·sqrt(sum c(1-c))/N``. Raises
-    :class:`ConfigError` for an empty window.
+    is known — ``threshold`` is the one the reference computed on its whole split, else
+    it is computed from ``reference_confidence`` (a sample); otherwise CBPE,
+    ``mean(c) ± z·sqrt(sum c(1-c))/N``. Raises :class:`ConfigError` for an empty window.
     """
     c = np.clip(np.asarray(confidence, dtype=np.float64), 0.0, 1.0)
     if c.size == 0:
@@ -211,7 +206,7 @@ def estimate_accuracy(
     cbpe = float(c.mean())
     ref_c = np.asarray(reference_confidence, dtype=np.float64)
     if reference_accuracy is not None and ref_c.size:
-        t = atc_threshold(ref_c, reference_accuracy)
+        t = threshold if threshold is not None else atc_threshold(ref_c, reference_accuracy)
         k = int((c > t).sum())
         low, high = wilson_interval(k, int(c.size), z)
         return AccuracyEstimate(
@@ -334,7 +329,9 @@ def assess_performance(
     if not 0 <= min_rejected_rise < 1:
         raise ConfigError(f"min_rejected_rise must be in [0, 1), got {min_rejected_rise}")
     reasons: list[str] = []
-    est = estimate_accuracy(window.confidence, reference.confidence, reference.accuracy, z)
+    est = estimate_accuracy(
+        window.confidence, reference.confidence, reference.accuracy, z, reference.atc_threshold
+    )
     if est.high < est.reference - min_accuracy_drop:
         reasons.append(
             f"estimated accuracy fell: {100 * est.value:.1f} % "

@@ -5,7 +5,9 @@ model) and read by drift detection, the monitoring report and the server:
 
 - ``reference.json`` — per-image statistics (:data:`~visionops.monitor.stats.STAT_NAMES`,
   a seeded sample of at most ``max_samples`` images, rounded), the predicted-class counts,
-  the confidence values, the validation accuracy when labels are given, and which model
+  the confidence values, the validation accuracy when labels are given (and the
+  confidence threshold of the accuracy estimate, ``atc_threshold``, computed on the whole
+  split: :mod:`visionops.monitor.performance`), and which model
   it belongs to (``model_digest``: the sha256 prefix serving computes for ``model.onnx``;
   ``model_version``: null at export time, filled in from the registry when served).
 - ``reference_embeddings.npy`` — a seeded sample of embeddings, float32 ``(M, D)``,
@@ -60,6 +62,9 @@ class ReferenceProfile:
     model_version: str | None = None
     model_digest: str | None = None
     accuracy: float | None = None  # on the split, when labels were given
+    #: The confidence above which the whole split's share of predictions equals its
+    #: accuracy (average thresholded confidence); None without labels.
+    atc_threshold: float | None = None
     created: str = ""
     source: str | None = None  # where it was read from
 
@@ -114,6 +119,7 @@ class ReferenceProfile:
             "classes": list(self.classes),
             "n_images": self.n_images,
             "accuracy": self.accuracy,
+            "atc_threshold": self.atc_threshold,
             "class_counts": [int(c) for c in self.class_counts],
             "confidence": [round(float(v), 6) for v in self.confidence],
             "stats": {k: [round(float(v), 5) for v in vals] for k, vals in self.stats.items()},
@@ -161,6 +167,14 @@ def score_images(
     if not probs:
         raise DataError("no images to score")
     return np.concatenate(probs), np.concatenate(embs)
+
+
+def atc_threshold(confidence: np.ndarray, accuracy: float) -> float:
+    """Average thresholded confidence (Garg et al., ICLR 2022): the confidence above which
+    the share of predictions equals ``accuracy`` — the ``1 - accuracy`` quantile of the
+    top-1 probabilities ``confidence`` (N,)."""
+    c = np.asarray(confidence, dtype=np.float64)
+    return float(np.quantile(c, min(max(1.0 - accuracy, 0.0), 1.0)))
 
 
 def _read_metadata(export_dir: Path) -> dict[str, Any]:
@@ -215,12 +229,14 @@ def build_reference_profile(
             f"{onnx_path}: {probs.shape[1]} probabilities per image but {len(names)} classes"
         )
     predicted = probs.argmax(axis=1)
-    accuracy = None
+    accuracy = atc = None
     if y_val is not None:
         y = np.asarray(y_val).reshape(-1)
         if len(y) != len(x):
             raise DataError(f"{len(y)} labels for {len(x)} reference images")
         accuracy = float((predicted == y).mean())
+        # From every image, not the sample: a tail quantile needs all of them.
+        atc = atc_threshold(probs[np.arange(len(x)), predicted], accuracy)
 
     rng = np.random.default_rng(seed)
     n = len(x)
@@ -237,6 +253,7 @@ def build_reference_profile(
         model_version=None,
         model_digest=model_digest(onnx_path),
         accuracy=accuracy,
+        atc_threshold=atc,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         source=str(export_dir / REFERENCE_FILE),
     )
@@ -307,6 +324,7 @@ def load_reference(path: str | Path) -> ReferenceProfile:
     if embeddings.ndim != 2 or not np.issubdtype(embeddings.dtype, np.floating):
         raise DataError(f"{emb_path}: expected a float (M, D) array, got {embeddings.shape}")
     accuracy = raw.get("accuracy")
+    atc = raw.get("atc_threshold")
     return ReferenceProfile(
         classes=classes,
         n_images=int(raw.get("n_images") or len(confidence)),
@@ -318,6 +336,7 @@ def load_reference(path: str | Path) -> ReferenceProfile:
         model_version=None if raw.get("model_version") is None else str(raw["model_version"]),
         model_digest=raw.get("model_digest"),
         accuracy=float(accuracy) if isinstance(accuracy, int | float) else None,
+        atc_threshold=float(atc) if isinstance(atc, int | float) else None,
         created=str(raw.get("created") or ""),
         source=str(json_path),
     )
