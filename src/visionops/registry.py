@@ -937,6 +937,7 @@ class GateDecision:
             "mcnemar_p_value",
             "latency_p95_ms",
             "parity_max_abs_diff",
+            "test_ece",
         )
         return {k: full[k] for k in keys}
 

@@ -114,7 +114,7 @@ def test_temperature_scaling_rescues_a_label_smoothed_model_and_the_gate_refuses
     # The same weights: accuracy and McNemar pass, only calibration fails.
     failed = [c.name for c in refused.checks if not c.passed]
     assert failed == ["calibration"]
-    gate = json.loads(trained.gate_json.read_text())
+    gate = json.loads(trained.gate_report.read_text())
     assert gate["promoted"] is False and gate["checks"]["calibration"]["passed"] is False
     client = MlflowClient(uri)
     tags = client.get_model_version(NAME, str(reg.version)).tags

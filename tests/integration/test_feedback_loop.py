@@ -182,5 +182,5 @@ def test_labelled_logged_inputs_train_the_next_model_and_meet_the_gate(
     # 5. The gate judged the retrained challenger against the champion and said why.
     assert gate.challenger_version == "2" and gate.champion_version_before == "1"
     assert gate.reasons and {c.name for c in gate.checks} >= {"accuracy", "mcnemar"}
-    decision = json.loads(layout.gate_json.read_text())
+    decision = json.loads(layout.gate_report.read_text())
     assert decision["challenger_version"] == 2 and "promoted" in decision
