@@ -6,8 +6,9 @@ minimum effect before it raises the alarm:
 
 - **Estimated accuracy** without labels, from the calibrated top-1 probabilities (the
   confidence-based performance estimation family of NannyML's CBPE). Plain CBPE — the
-  mean confidence — assumes calibration survives the shift, and it does not: on
-  foreign digits it says 80 % where the model is right on 71 %. So the estimate is the
+  mean confidence — assumes calibration survives the shift, and it does not: on foreign
+  digits it said 80 % where a champion of an earlier recipe was right on 71 % (ATC: 70 %).
+  So the estimate is the
   **average thresholded confidence** (ATC; Garg et al., "Leveraging Unlabeled Data to
   Predict Out-of-Distribution Performance", ICLR 2022): the threshold ``t`` is the
   confidence above which the reference's share of predictions equals its accuracy
