@@ -249,4 +249,5 @@ def test_feedback_export_writes_labelled_inputs_byte_exact(tmp_path: Path) -> No
     np.testing.assert_array_equal(np.asarray(Image.open(seven)), pixels[0][:, :, 0])
     with pytest.raises(DataError, match="version 9"):
         export_feedback_images(url, tmp_path / "out", model_version="9")
-    assert decode_pixels(b"\x00" * 5, "2,2,1") is None  # damaged row: skipped, not raised
+    with pytest.raises(DataError):  # a damaged row says so (the export skips it)
+        decode_pixels(b"\x00" * 5, "2x2x1")
