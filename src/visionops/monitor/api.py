@@ -115,27 +115,32 @@ class MonitoringMetrics:
             "visionops_monitoring_alarm",
             "1 when the last checked window puts the model's performance at risk.",
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.estimated_accuracy = Gauge(
             "visionops_estimated_accuracy",
             "Estimated accuracy (no labels) of the last checked window (bound: low/value/high).",
             ["bound"],
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.reference_accuracy = Gauge(
             "visionops_reference_accuracy",
             "Accuracy of the reference (validation split) the estimate is compared with.",
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.realised_accuracy = Gauge(
             "visionops_realised_accuracy",
             "Accuracy over the labelled predictions of the last checked window.",
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.labelled = Gauge(
             "visionops_labelled_predictions",
             "Predictions of the last checked window that received a true label.",
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.p_value = Gauge(
             "visionops_drift_test_p_value",
