@@ -169,3 +169,20 @@ def test_fine_tunes_from_a_checkpoint_exports_with_parity_and_serves(tmp_path: P
         assert response.status_code == 200, response.text
         got = [p["class_index"] for p in response.json()["predictions"]]
     assert got == expected.tolist()
+
+
+def test_without_timm_params_naming_a_timm_model_still_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The torch-free serving install reads params.yaml; a timm name there is no error."""
+    import importlib.util
+
+    from visionops.models import names
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        names.importlib.util, "find_spec", lambda n, *a: None if n == "timm" else real(n, *a)
+    )
+    assert names.is_model_name("resnet18") and names.is_model_name("cnn")
+    assert not names.is_model_name("Res Net!")
+    assert params_from_dict({"train": {"models": ["resnet18"]}}).train.models == ["resnet18"]
