@@ -97,6 +97,7 @@ def main() -> None:
             f"data.path={REPO / 'data/raw/mnist'}",
             f"data.limit={args.limit}",
             f"train.epochs={args.epochs}",
+            "train.min_steps=0",  # exactly the epochs asked for: the runs are compared
             "train.models=[cnn]",
             "train.num_threads=0",
             "train.nproc=1",

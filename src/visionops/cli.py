@@ -176,7 +176,9 @@ def prepare(params_file: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -
 @app.command()
 @handle_errors
 def train(
-    model: Annotated[str, typer.Argument(help="architecture from the zoo: mlp, cnn, resnet")],
+    model: Annotated[
+        str, typer.Argument(help="architecture from the zoo: mlp, cnn, resnet or a timm model name")
+    ],
     params_file: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="continue from the last checkpoint")] = False,

@@ -50,9 +50,19 @@ class DataParams(StrictModel):
         description="image folder (<class>/*.png) added to the training split only "
         "(nothing while it does not exist); null: none",
     )
+    natural_size: int = Field(
+        default=32,
+        ge=8,
+        le=512,
+        description="image_size of an image folder of photos (not digits) when image_size is null",
+    )
 
     def shape(self) -> tuple[int, int]:
-        """(image_size, channels) after applying the source's native defaults."""
+        """(image_size, channels) of mnist/cifar10 after applying the source's native defaults.
+
+        An image folder's geometry follows its pictures (see
+        :func:`visionops.data.profile.resolve_spec`); this gives the digit geometry for it.
+        """
         size, channels = NATIVE_SHAPE.get(self.source, (28, 1))
         return (self.image_size or size, self.channels or channels)
 
@@ -60,9 +70,15 @@ class DataParams(StrictModel):
 class PreprocessParams(StrictModel):
     """How an image *file* becomes a model input (imagefolder ingest and serving)."""
 
+    kind: Literal["auto", "digit", "natural"] = Field(
+        default="auto",
+        description="digit = MNIST conventions (inversion, centring); natural = photos; "
+        "auto = decided from the data (mnist: digit, cifar10: natural, folders: profiled)",
+    )
     invert: Literal["auto", "always", "never"] = "auto"
-    center: bool = Field(
-        default=True, description="MNIST-style centring: bounding box, fit, centre of mass"
+    center: bool | Literal["auto"] = Field(
+        default="auto",
+        description="MNIST-style centring: bounding box, fit, centre of mass; auto = digits only",
     )
     digit_box: int = Field(default=20, ge=4, description="size the digit is fitted into")
 
@@ -91,7 +107,33 @@ class TrainParams(StrictModel):
     )
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     width: int = Field(default=32, ge=4, description="base channel/hidden width of the zoo")
-    patience: int = Field(default=3, ge=1, description="early stopping on val accuracy")
+    patience: int = Field(default=3, ge=1, description="early stopping on val loss")
+    min_steps: int = Field(
+        default=1200,
+        ge=0,
+        description="least optimiser steps: epochs grow to reach it on small datasets",
+    )
+    max_epochs: int = Field(default=200, ge=1, description="cap on epochs grown by min_steps")
+    natural_lr: float = Field(
+        default=0.01,
+        gt=0.0,
+        description="natural pictures: peak learning rate (their augmented, short runs "
+        "want more than digits' train.lr)",
+    )
+    hflip: bool = Field(default=True, description="natural images: random horizontal flip")
+    crop_scale: float = Field(
+        default=0.5, gt=0.0, le=1.0, description="natural images: least area of a random crop"
+    )
+    color_jitter: float = Field(
+        default=0.3, ge=0.0, lt=1.0, description="natural images: brightness/contrast/saturation"
+    )
+    pretrained: bool | str = Field(
+        default=False,
+        description="timm models: false, true (timm's loader and cache) or a checkpoint path",
+    )
+    backbone_lr_scale: float = Field(
+        default=0.1, gt=0.0, le=1.0, description="pretrained timm models: backbone lr = lr * this"
+    )
     num_threads: int = Field(
         default=0, ge=0, description="per process; 0 = cores (divided among DDP processes)"
     )
@@ -106,7 +148,9 @@ class TrainParams(StrictModel):
 
 
 #: Train params a tuning search space may set (besides ``model``, the architecture).
-UNTUNABLE_TRAIN_PARAMS = frozenset({"models", "num_threads", "device", "nproc", "compile"})
+UNTUNABLE_TRAIN_PARAMS = frozenset(
+    {"models", "num_threads", "device", "nproc", "compile", "pretrained"}
+)
 
 
 class RangeDim(StrictModel):
@@ -169,13 +213,13 @@ class TuneParams(StrictModel):
 
     @model_validator(mode="after")
     def _known_keys(self) -> TuneParams:
-        from visionops.models.names import MODEL_NAMES
+        from visionops.models.names import is_model_name
 
         for key, dim in self.space.items():
             if key == "model":
                 if not isinstance(dim, ChoiceDim):
                     raise ValueError("space.model must be a list of choices")
-                unknown = [c for c in dim.choices if c not in MODEL_NAMES]
+                unknown = [c for c in dim.choices if not is_model_name(str(c))]
                 if unknown:
                     raise ValueError(f"space.model: unknown model(s) {unknown}")
                 continue
@@ -271,11 +315,14 @@ class Params(StrictModel):
     @model_validator(mode="after")
     def _known_models(self) -> Params:
         # Local import: the zoo's names are plain data, no torch needed for this check.
-        from visionops.models.names import MODEL_NAMES
+        from visionops.models.names import MODEL_NAMES, is_model_name
 
-        unknown = [m for m in self.train.models if m not in MODEL_NAMES]
+        unknown = [m for m in self.train.models if not is_model_name(m)]
         if unknown:
-            raise ValueError(f"unknown model(s) {unknown}; choose from {sorted(MODEL_NAMES)}")
+            raise ValueError(
+                f"unknown model(s) {unknown}; choose from {sorted(MODEL_NAMES)} or a timm "
+                "model name (e.g. resnet18; needs the [train] install)"
+            )
         return self
 
     def model_name(self) -> str:
@@ -296,7 +343,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}'")
         else:
-            lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
+            got = "" if key == "<root>" else f" (got {e.get('input')!r})"
+            lines.append(f"'{key}': {e['msg']}{got}")
     return f"invalid params in {source}: " + "; ".join(lines)
 
 

@@ -5,13 +5,19 @@
 - The prepared uint8 splits are normalised once (``data.transforms.normalize``, the same
   function serving uses) into one float tensor held in memory; batches are index slices
   of it, so there is no per-sample Python and no DataLoader.
-- Augmentation (``train.augment``) is a random translation of up to ``train.max_shift``
-  pixels per image, done for a whole batch with two ``gather`` calls, then what users'
-  photos and drawings vary in (:mod:`visionops.augment`: rotation, shear, scale, stroke
-  thickness, blur, contrast, background level), also whole-batch tensor operations.
+- Augmentation (``train.augment``): for digits a random translation of up to
+  ``train.max_shift`` pixels per image, done for a whole batch with two ``gather`` calls,
+  then what users' photos and drawings vary in (:mod:`visionops.augment`: rotation,
+  shear, scale, stroke thickness, blur, contrast, background level), also whole-batch
+  tensor operations; for natural pictures random resized crop, horizontal flip and
+  colour jitter (:mod:`visionops.recipe`).
+- The recipe scales with the data (:mod:`visionops.recipe`): the batch size shrinks and
+  the epochs grow on small datasets to reach ``train.min_steps`` optimiser steps.
 - AdamW with a OneCycle learning-rate schedule stepped every batch, label smoothing,
-  validation after every epoch, early stopping on validation accuracy
-  (``train.patience``) keeping the best weights.
+  validation after every epoch, early stopping on validation loss (``train.patience``)
+  keeping the weights of the lowest validation loss. The peak learning rate is
+  ``train.lr`` (``train.natural_lr`` for natural pictures). A pretrained timm backbone
+  trains at that times ``train.backbone_lr_scale``, its new classifier at the full rate.
 - Everything random comes from ``params.seed``: the global torch RNG (initialisation,
   dropout) and one ``torch.Generator`` for shuffling and augmentation. Deterministic
   algorithms are switched on for the run; the same params, data and thread count give
@@ -19,8 +25,7 @@
 - After every epoch ``checkpoints/last.pt`` gets the model, optimizer, scheduler, history,
   early-stopping state and both RNG states, so ``resume=True`` continues to exactly the
   weights an uninterrupted run reaches; a checkpoint made with other params or other data
-  is refused. It holds only tensors, dicts, lists, strings and numbers, so it loads with
-  ``torch.load(weights_only=True)``.
+  is refused (:mod:`visionops.checkpoint`).
 - On the CPU, convolutional models train in the channels_last memory format (about 1.3x
   faster with oneDNN here).
 - ``train.device``: ``cpu``, ``cuda`` or ``auto`` (CUDA when present). On CUDA the splits
@@ -41,7 +46,6 @@ JSON, TensorBoard events in ``tensorboard_dir/<model>``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -57,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from visionops import augment, distributed
+from visionops.checkpoint import RunState, load_checkpoint, run_fingerprint, save_checkpoint
 from visionops.data.ingest import read_npz
 from visionops.errors import ConfigError, DataError, ModelError, VisionOpsError
 from visionops.stages import missing_input
@@ -71,7 +76,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
 TENSORBOARD_TAGS = {
     "train_loss": "loss/train",
     "val_loss": "loss/val",
@@ -341,138 +345,6 @@ def progress_bar(enabled: bool = True) -> Any:
     )
 
 
-# --------------------------------------------------------------------------- state
-
-
-@dataclass
-class _RunState:
-    """Everything besides model/optimizer/scheduler that a checkpoint must restore."""
-
-    epoch: int = 0  # epochs completed
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_state: dict[str, Any] | None = None
-    best_val_accuracy: float = -1.0
-    best_val_loss: float = math.inf
-    best_epoch: int = 0
-    bad_epochs: int = 0
-    finished: bool = False
-    stopped_early: bool = False
-    seconds: float = 0.0  # wall time of the epochs so far (train + validation)
-    step_seconds: float = 0.0  # time inside training steps only
-    images_seen: int = 0
-
-
-def _fingerprint(
-    params: Params, model_name: str, arrays: Sequence[np.ndarray], world_size: int = 1
-) -> dict[str, Any]:
-    """What must not change between an interrupted run and its resumption."""
-    # Where and how fast it runs does not change the maths; amp and the number of
-    # processes do (recorded only when used, so older checkpoints stay resumable).
-    runtime = {"models", "num_threads", "device", "compile", "nproc", "amp"}
-    tp = params.train.model_dump(mode="json", exclude=runtime)
-    if params.train.amp:
-        tp["amp"] = True
-    if world_size > 1:
-        tp["world_size"] = world_size
-    digest = hashlib.blake2b(digest_size=16)
-    for a in arrays:  # ~50 MB for MNIST: a few tens of milliseconds
-        digest.update(str((a.dtype, a.shape)).encode())
-        digest.update(np.ascontiguousarray(a).data)
-    return {"model": model_name, "seed": params.seed, "data": digest.hexdigest(), **tp}
-
-
-def _save_checkpoint(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    state: _RunState,
-    generator: torch.Generator,
-    fingerprint: dict[str, Any],
-    scaler: Any = None,
-) -> None:
-    import torch
-
-    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "shuffle": generator.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    checkpoint = {
-        "format": CHECKPOINT_FORMAT,
-        "fingerprint": fingerprint,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": state.epoch,
-        "history": state.history,
-        "best_state": state.best_state,
-        "best_val_accuracy": state.best_val_accuracy,
-        "best_val_loss": state.best_val_loss,
-        "best_epoch": state.best_epoch,
-        "bad_epochs": state.bad_epochs,
-        "finished": state.finished,
-        "stopped_early": state.stopped_early,
-        "seconds": state.seconds,
-        "step_seconds": state.step_seconds,
-        "images_seen": state.images_seen,
-        "rng": rng,
-    }
-    if scaler is not None:  # float16 autocast on CUDA: the loss scale
-        checkpoint["scaler"] = scaler.state_dict()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)  # a kill mid-write never leaves a truncated last.pt
-
-
-def _load_checkpoint(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    generator: torch.Generator,
-    fingerprint: dict[str, Any],
-    scaler: Any = None,
-) -> _RunState:
-    import torch
-
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise ModelError(f"{path}: cannot read checkpoint ({exc})") from None
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise ModelError(f"{path}: not a visionops checkpoint (format {CHECKPOINT_FORMAT})")
-    saved = ck["fingerprint"]
-    changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-    if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
-        raise ModelError(
-            f"{path} was written with different settings ({diffs}); train without --resume"
-        )
-    model.load_state_dict(ck["model"])
-    optimizer.load_state_dict(ck["optimizer"])
-    scheduler.load_state_dict(ck["scheduler"])
-    if scaler is not None and "scaler" in ck:
-        scaler.load_state_dict(ck["scaler"])
-    torch.set_rng_state(ck["rng"]["torch"])
-    generator.set_state(ck["rng"]["shuffle"])
-    if "cuda" in ck["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-    return _RunState(
-        epoch=int(ck["epoch"]),
-        history=list(ck["history"]),
-        best_state=ck["best_state"],
-        best_val_accuracy=float(ck["best_val_accuracy"]),
-        best_val_loss=float(ck["best_val_loss"]),
-        best_epoch=int(ck["best_epoch"]),
-        bad_epochs=int(ck["bad_epochs"]),
-        finished=bool(ck["finished"]),
-        stopped_early=bool(ck["stopped_early"]),
-        seconds=float(ck["seconds"]),
-        step_seconds=float(ck["step_seconds"]),
-        images_seen=int(ck["images_seen"]),
-    )
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -513,8 +385,10 @@ def run_train(
             f"{layout.prepared_dir}: need at least 2 training and 1 validation images, "
             f"got {len(x_train)} and {len(x_val)}"
         )
-    # Fail on an unknown architecture before any work.
+    # Fail on an unknown architecture (or a missing checkpoint file) before any work.
     build_model(model_name, spec.channels, spec.image_size, len(classes), tp.width, tp.dropout)
+    if not isinstance(tp.pretrained, bool) and not Path(tp.pretrained).expanduser().is_file():
+        raise ConfigError(f"train.pretrained: checkpoint file not found: {tp.pretrained}")
     ctx = distributed.current()
     device = rank_device(resolve_device(tp.device), ctx)
     world = ctx.world_size if ctx else 1
@@ -577,7 +451,9 @@ def _train(
     import torch.nn.functional as F
     from torch.utils.tensorboard import SummaryWriter
 
+    from visionops import recipe
     from visionops.data.transforms import normalize
+    from visionops.models.names import MODEL_NAMES
     from visionops.models.zoo import build_model, count_parameters
 
     tp = params.train
@@ -585,8 +461,12 @@ def _train(
     is_main = rank == 0
     torch.manual_seed(params.seed)
     generator = torch.Generator().manual_seed(params.seed)
+    is_timm = model_name not in MODEL_NAMES
+    pretrained = tp.pretrained if is_timm else False
+    if tp.pretrained is not False and not is_timm:
+        log.info("train.pretrained applies to timm models; %s starts from scratch", model_name)
     model = build_model(
-        model_name, spec.channels, spec.image_size, len(classes), tp.width, tp.dropout
+        model_name, spec.channels, spec.image_size, len(classes), tp.width, tp.dropout, pretrained
     ).to(device)
     channels_last = device.type == "cpu" and model.prefers_channels_last
     if channels_last:
@@ -616,23 +496,37 @@ def _train(
     x_val = torch.from_numpy(normalize(arrays[2], spec)).to(device)
     y_val = torch.from_numpy(arrays[3]).to(device)
     n_train = len(x_train)
-    batch_size = min(tp.batch_size, n_train)
+    batch_size = min(recipe.scaled_batch_size(tp.batch_size, n_train), n_train)
     n_steps = steps_per_epoch(n_train, batch_size, world)
+    epochs = recipe.planned_epochs(tp, n_steps)
+    patience = recipe.early_stop_patience(tp, epochs)
+    natural = spec.kind == "natural"
+    mean_t, std_t = torch.tensor(spec.mean), torch.tensor(spec.std)
+    run_recipe = recipe.recipe_record(tp, spec.kind, batch_size, epochs, n_steps)
+    if pretrained is not False:
+        run_recipe["pretrained"] = str(pretrained) if not isinstance(pretrained, bool) else True
+        run_recipe["backbone_lr_scale"] = tp.backbone_lr_scale
     # The value of a black pixel after normalisation: what a shift uncovers.
     fill = -torch.tensor(spec.mean) / torch.tensor(spec.std)
     fill = fill.expand(spec.channels).clone()
     mean = torch.tensor(spec.mean).expand(spec.channels)
     std = torch.tensor(spec.std).expand(spec.channels)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tp.lr, weight_decay=tp.weight_decay)
+    groups: Any = model.parameters()
+    peak_lr = recipe.peak_lr(tp, spec.kind)
+    max_lr: float | list[float] = peak_lr
+    if pretrained is not False:  # fine-tuning: the pretrained backbone moves more slowly
+        groups = model.parameter_groups(peak_lr, tp.backbone_lr_scale)
+        max_lr = [g["lr"] for g in groups]
+    optimizer = torch.optim.AdamW(groups, lr=peak_lr, weight_decay=tp.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=tp.lr, total_steps=tp.epochs * n_steps
+        optimizer, max_lr=max_lr, total_steps=epochs * n_steps
     )
     model_dir = layout.model_dir(model_name)
     ckpt_path = model_dir / "checkpoints" / "last.pt"
-    fingerprint = _fingerprint(params, model_name, arrays, world)
+    fingerprint = run_fingerprint(params, model_name, arrays, world)
 
-    state = _RunState()
+    state = RunState()
     found = resume and ckpt_path.is_file()
     if resume and not distributed.all_agree(found, ctx):
         raise ModelError(
@@ -640,7 +534,7 @@ def _train(
             "needs the checkpoint folder on a shared filesystem"
         )
     if found:
-        state = _load_checkpoint(
+        state = load_checkpoint(
             ckpt_path, model, optimizer, scheduler, generator, fingerprint, scaler
         )
         log.info("resuming %s after epoch %d from %s", model_name, state.epoch, ckpt_path)
@@ -649,7 +543,7 @@ def _train(
     resumed_from, seconds_before = state.epoch, state.seconds
     log.info(
         "training %s (%s params) on %d images, %d val, %d epochs x %d steps, %s, %d threads%s",
-        model_name, f"{count_parameters(model):,}", n_train, len(x_val), tp.epochs, n_steps,
+        model_name, f"{count_parameters(model):,}", n_train, len(x_val), epochs, n_steps,
         device, torch.get_num_threads(), f", {world} DDP processes" if world > 1 else "",
     )  # fmt: skip
 
@@ -660,26 +554,32 @@ def _train(
     )
     try:
         with progress_bar(enabled=show_progress and is_main) as progress:
-            task = progress.add_task(model_name, total=tp.epochs * n_steps, status="")
+            task = progress.add_task(model_name, total=epochs * n_steps, status="")
             progress.update(task, completed=state.epoch * n_steps)
             while not state.finished:
                 epoch = state.epoch + 1
                 epoch_start = time.perf_counter()
                 net.train()
                 perm = torch.randperm(n_train, generator=generator).to(device)
-                loss_sum, correct, seen, lr = 0.0, 0, 0, tp.lr
+                loss_sum, correct, seen, lr = 0.0, 0, 0, peak_lr
                 for step in range(n_steps):
                     idx = perm[step * batch_size : (step + 1) * batch_size]
                     n_global = len(idx)
                     # Offsets for the whole global batch: every rank's generator stays in step.
                     offsets = (
                         shift_offsets(n_global, tp.max_shift, generator)
-                        if tp.augment and tp.max_shift > 0
+                        if tp.augment and tp.max_shift > 0 and not natural
                         else None
                     )
+                    natural_draws = (
+                        recipe.draw_natural(n_global, tp, generator)
+                        if tp.augment and natural
+                        else None
+                    )
+                    # The digit augmentations are for digits; photos get their own above.
                     draws = (
                         augment.draw_augmentation(n_global, tp, generator)
-                        if augment.is_enabled(tp)
+                        if augment.is_enabled(tp) and not natural
                         else None
                     )
                     if world > 1:
@@ -687,11 +587,14 @@ def _train(
                         idx = idx[lo:hi]
                         offsets = offsets[:, lo:hi] if offsets is not None else None
                         draws = draws.rows(lo, hi) if draws is not None else None
+                        natural_draws = natural_draws[lo:hi] if natural_draws is not None else None
                     xb, yb = x_train[idx], y_train[idx]
                     if offsets is not None:
                         xb = shift_batch(xb, tp.max_shift, fill, generator, offsets)
                     if draws is not None:
                         xb = augment.augment_batch(xb, draws, mean, std)
+                    if natural_draws is not None:
+                        xb = recipe.augment_natural(xb, natural_draws, mean_t, std_t)
                     if channels_last:
                         xb = xb.contiguous(memory_format=torch.channels_last)
                     with torch.autocast(
@@ -720,7 +623,7 @@ def _train(
                         progress.update(
                             task,
                             completed=(epoch - 1) * n_steps + step + 1,
-                            description=f"{model_name} epoch {epoch}/{tp.epochs}",
+                            description=f"{model_name} epoch {epoch}/{epochs}",
                             status=f"loss {loss_sum / seen:.4f}",
                         )
                 step_seconds = time.perf_counter() - epoch_start
@@ -747,7 +650,7 @@ def _train(
                 state.images_seen += seen
                 state.step_seconds += step_seconds
                 state.seconds += time.perf_counter() - epoch_start
-                if val_accuracy > state.best_val_accuracy:
+                if val_loss < state.best_val_loss:
                     state.best_val_accuracy, state.best_val_loss = val_accuracy, val_loss
                     state.best_epoch, state.bad_epochs = epoch, 0
                     state.best_state = {
@@ -755,18 +658,18 @@ def _train(
                     }
                 else:
                     state.bad_epochs += 1
-                if state.bad_epochs >= tp.patience and epoch < tp.epochs:
+                if state.bad_epochs >= patience and epoch < epochs:
                     state.finished = state.stopped_early = True
-                    log.info("early stop after epoch %d: no val gain in %d", epoch, tp.patience)
-                state.finished = state.finished or epoch >= tp.epochs
+                    log.info("early stop after epoch %d: no val loss gain in %d", epoch, patience)
+                state.finished = state.finished or epoch >= epochs
                 if is_main:
-                    _save_checkpoint(
+                    save_checkpoint(
                         ckpt_path, model, optimizer, scheduler, state, generator, fingerprint,
                         scaler,
                     )  # fmt: skip
                 log.info(
                     "%s epoch %d/%d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s",
-                    model_name, epoch, tp.epochs, row["train_loss"], row["train_accuracy"],
+                    model_name, epoch, epochs, row["train_loss"], row["train_accuracy"],
                     val_loss, val_accuracy, time.perf_counter() - epoch_start,
                 )  # fmt: skip
                 # Same tags for every model: TensorBoard overlays runs/cnn, runs/mlp, ...
@@ -801,7 +704,7 @@ def _train(
         history=list(state.history),
     )
     if is_main:
-        _write_outputs(params, layout, result, state.best_state, spec, classes)
+        _write_outputs(params, layout, result, state.best_state, spec, classes, run_recipe)
     distributed.barrier(ctx)  # the other ranks end once rank 0 has written
     return result
 
@@ -813,6 +716,7 @@ def _write_outputs(
     best_state: dict[str, Any],
     spec: PreprocessSpec,
     classes: list[str],
+    run_recipe: dict[str, Any] | None = None,
 ) -> None:
     import torch
 
@@ -838,6 +742,7 @@ def _write_outputs(
         "val_loss": result.val_loss,
         "params": result.params,
         "seed": params.seed,
+        "recipe": run_recipe or {},
     }
     _write_json(result.model_dir / "config.json", config)
     _write_json(
@@ -928,7 +833,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m visionops.train",
         description="Train one architecture of the zoo (one DDP rank under torchrun).",
     )
-    parser.add_argument("model", help="architecture from the zoo: mlp, cnn, resnet")
+    parser.add_argument(
+        "model", help="architecture from the zoo: mlp, cnn, resnet or a timm model name"
+    )
     parser.add_argument("--params", "-p", default="params.yaml", help="params file (YAML)")
     parser.add_argument(
         "--set", "-s", dest="overrides", action="append", default=[], help="key=value"

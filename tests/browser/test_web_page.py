@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -237,3 +238,53 @@ def test_wrong_answer_feedback_is_counted_on_the_monitoring_page(browser: Any, s
     assert realised["labelled"] == labelled_before + 1 and realised["correct"] == 0
     assert verdict["estimated_accuracy"]["n"] == verdict["window"]["size"]
     assert isinstance(verdict["alarm"], bool) and isinstance(verdict["alarm_reasons"], list)
+@pytest.fixture(scope="module")
+def photo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The tiny model relabelled as a model of natural pictures (metadata kind natural)."""
+    work = tmp_path_factory.mktemp("browser-photos")
+    folder = sf.build_tiny_model(work / "exported", name="tiny-photos")
+    meta = json.loads((folder / "metadata.json").read_text())
+    meta["preprocess"].update(kind="natural", center=False, invert="never")
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    env = {"VISIONOPS_PREDLOG_URL": f"sqlite:///{work / 'predictions.db'}"}
+    with sf.server_process(folder, work, env=env) as srv:
+        yield srv
+
+
+def test_photo_model_page_is_upload_first_with_the_top_five(
+    browser: Any, photo_server: Any
+) -> None:
+    page = browser.new_page(viewport={"width": 900, "height": 640})
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.goto(photo_server.url + "/")
+    page.wait_for_selector("#model-version[data-loaded]", timeout=30_000)
+    assert page.get_attribute("body", "data-kind") == "natural"
+    assert page.locator("#drop").is_visible()
+    assert not page.locator("#clear").is_visible()  # nothing to draw, nothing to clear
+    assert page.get_attribute("#file", "capture") == "environment"
+    # Drawing does nothing on a photo model's page.
+    box = page.locator("#canvas").bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + 50, box["y"] + 50)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 200, box["y"] + 200)
+    page.mouse.up()
+    page.click("#predict")
+    assert "choose, drop or paste a picture" in page.inner_text("#status")
+
+    upload = sf.digit_png("zero", dark_on_light=True)
+    page.set_input_files(
+        "#file", files=[{"name": "photo.png", "mimeType": "image/png", "buffer": upload}]
+    )
+    wait_for_answer(page, 1)
+    expected = api_predict(photo_server.url, upload)
+    assert page.inner_text("#label") == expected["label"]
+    bars = page.locator("#bars .bar")
+    assert bars.count() == 5
+    shown = [float(bars.nth(i).get_attribute("data-probability") or 0) for i in range(5)]
+    best5 = sorted(expected["probabilities"].values(), reverse=True)[:5]
+    assert shown == pytest.approx(best5)
+    assert bars.nth(0).get_attribute("data-label") == expected["label"]
+    assert problems == []
+    page.close()

@@ -46,6 +46,7 @@ def exported_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "data.val_fraction=0.2",
             "train.models=[mlp]",
             "train.epochs=3",
+            "train.min_steps=0",
             "train.width=16",
         ],
     )

@@ -27,7 +27,7 @@ BIN = Path(sys.executable).parent
 
 TINY = {
     "data": {"limit": 600, "test_limit": 400},
-    "train": {"epochs": 1, "width": 8, "batch_size": 64},
+    "train": {"epochs": 1, "width": 8, "batch_size": 64, "min_steps": 0},
     "evaluate": {"gallery_size": 8},
     # Timing never decides a test: the latency budget is out of reach here.
     "gate": {"latency_budget_ms": 10000.0},
@@ -342,3 +342,72 @@ def test_dvc_exp_run_on_an_image_folder(workspace: Path, first_run, tmp_path: Pa
     assert meta["classes"] == ["bar", "dot", "frame"]
     metrics = json.loads((workspace / "metrics" / "eval" / "mlp.json").read_text())
     assert metrics["accuracy"] > 0.6
+
+
+def _cifar_archive(path: Path, per_batch: int = 30, n_test: int = 45) -> list[str]:
+    """A small archive in the real binary CIFAR-10 format: ``cifar-10-batches-bin/`` with
+    ``data_batch_1..5.bin`` and ``test_batch.bin`` (records of one label byte and 3,072
+    CHW pixel bytes) and ``batches.meta.txt``. Three classes: a red, green or blue square
+    at a random place on a noisy grey background."""
+    import io
+    import tarfile
+
+    classes = ["red", "green", "blue"]
+    rng = np.random.default_rng(5)
+
+    def batch(n: int) -> bytes:
+        labels = rng.integers(0, 3, n).astype(np.uint8)
+        chw = rng.integers(60, 140, (n, 3, 32, 32)).astype(np.uint8)
+        for i, label in enumerate(labels):
+            r, c = rng.integers(0, 20, 2)
+            chw[i, :, r : r + 12, c : c + 12] = 30
+            chw[i, label, r : r + 12, c : c + 12] = 230
+        return np.concatenate([labels[:, None], chw.reshape(n, -1)], axis=1).tobytes()
+
+    members = {f"data_batch_{i}.bin": batch(per_batch) for i in range(1, 6)}
+    members["test_batch.bin"] = batch(n_test)
+    members["batches.meta.txt"] = ("\n".join(classes) + "\n").encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return classes
+
+
+@pytest.mark.timeout(900)  # a whole pipeline with an 11M-parameter model, on a busy CPU
+def test_dvc_exp_run_on_cifar10_with_a_timm_resnet18(workspace: Path, tmp_path: Path) -> None:
+    """CIFAR-10 end to end with a timm backbone: natural pictures, resnet18 from timm,
+    ONNX parity, registered as visionops-cifar10 and served from the registry."""
+    archive = tmp_path / "cifar" / "cifar-10-binary.tar.gz"
+    classes = _cifar_archive(archive)
+    _run(
+        [
+            str(BIN / "dvc"),
+            "exp",
+            "run",
+            "-S",
+            "data.source=cifar10",
+            "-S",
+            f"data.path={archive}",
+            "-S",
+            "train.models=[resnet18]",
+            "-S",
+            "train.epochs=3",
+        ],
+        workspace,
+    )
+    validation = json.loads((workspace / "reports" / "validation.json").read_text())
+    assert validation["preprocess"]["kind"] == "natural"
+    assert validation["preprocess"]["channels"] == 3
+    meta = json.loads((workspace / "exported" / "metadata.json").read_text())
+    assert meta["classes"] == classes
+    assert meta["parity_max_abs_diff"] <= 1e-4
+    config = json.loads((workspace / "models" / "resnet18" / "config.json").read_text())
+    assert config["architecture"] == "resnet18" and config["recipe"]["kind"] == "natural"
+    metrics = json.loads((workspace / "metrics" / "eval" / "resnet18.json").read_text())
+    assert metrics["accuracy"] > 0.5  # three classes: a third is guessing
+    client = _mlflow_client(workspace)
+    champion = client.get_model_version_by_alias("visionops-cifar10", "champion")
+    assert str(champion.version) == "1"

@@ -179,7 +179,14 @@ def test_workspace_without_metrics_is_refused(tmp_path: Path, monkeypatch) -> No
 
 TINY: dict[str, Any] = {
     "data": {"path": str(REPO / "data" / "raw" / "mnist"), "limit": 300, "test_limit": 200},
-    "train": {"models": ["mlp"], "epochs": 1, "width": 8, "batch_size": 32, "num_threads": 1},
+    "train": {
+        "models": ["mlp"],
+        "epochs": 1,
+        "width": 8,
+        "batch_size": 32,
+        "num_threads": 1,
+        "min_steps": 0,
+    },
     "evaluate": {"gallery_size": 4},
 }
 CHANGE = {"train": {"lr": 0.0003, "label_smoothing": 0.1}}

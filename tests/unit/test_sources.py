@@ -398,7 +398,7 @@ def test_imagefolder_bad_layouts(tmp_path: Path) -> None:
         load_imagefolder(tmp_path / "one", SPEC, **kw)  # type: ignore[arg-type]
     (tmp_path / "empty" / "a").mkdir(parents=True)
     (tmp_path / "empty" / "b").mkdir()
-    with pytest.raises(DataError, match=r"no \.png/\.jpg/\.jpeg/\.bmp files"):
+    with pytest.raises(DataError, match=r"no \.png/\.jpg/\.jpeg/\.bmp/\.webp/\.gif files"):
         load_imagefolder(tmp_path / "empty", SPEC, **kw)  # type: ignore[arg-type]
     (tmp_path / "half" / "train" / "a").mkdir(parents=True)
     with pytest.raises(DataError, match="found train/ without its partner"):

@@ -44,6 +44,7 @@ def tiny_params(space: dict[str, Any] | None = None, **tune: Any) -> Params:
                 "width": 8,
                 "num_threads": 1,
                 "patience": 5,
+                "min_steps": 0,
             },
             "tune": {
                 "space": space

@@ -129,6 +129,47 @@ class IngestResult:
         )
 
 
+def ingest_request(params: Params) -> dict[str, Any]:
+    """The params ingest reads, as recorded in ``dataset.json`` (``request``): when they
+    differ from the current params, the ingested data is stale."""
+    return {
+        "seed": params.seed,
+        "source": params.data.source,
+        "path": params.data.path,
+        "image_size": params.data.image_size,
+        "channels": params.data.channels,
+        "natural_size": params.data.natural_size,
+        "test_fraction": params.data.test_fraction,
+        "preprocess": params.preprocess.model_dump(mode="json"),
+        "max_pixels": params.serve.max_pixels,
+    }
+
+
+def stale_reason(params: Params, layout: Layout) -> str | None:
+    """Why ``data/interim`` no longer matches the params or the image folder, or None
+    (also when nothing was ingested yet).
+
+    Compares the recorded :func:`ingest_request` and, for an image folder, its
+    :func:`~visionops.data.sources.folder_fingerprint` (names, sizes, modification times).
+    """
+    from visionops.data.sources import folder_fingerprint, resolve_data_path
+
+    if not layout.dataset_json.is_file() or not layout.dataset_npz.is_file():
+        return None  # nothing ingested: the reader names the missing file
+    meta = read_json(layout.dataset_json)
+    recorded = meta.get("request")
+    if recorded is not None and recorded != ingest_request(params):
+        changed = sorted(
+            k for k in ingest_request(params) if recorded.get(k) != ingest_request(params)[k]
+        )
+        return f"params changed since ingest ({', '.join(changed)})"
+    if params.data.source == "imagefolder" and meta.get("fingerprint"):
+        path = resolve_data_path(params, layout)
+        if path.is_dir() and folder_fingerprint(path) != meta["fingerprint"]:
+            return f"{path} changed since ingest (files added, removed or rewritten)"
+    return None
+
+
 def run_ingest(params: Params, layout: Layout) -> IngestResult:
     """Read ``data.source`` from ``data.path`` and write ``dataset.npz`` + ``dataset.json``."""
     from visionops.data.extra import ExtraImages, load_extra_images
@@ -141,7 +182,7 @@ def run_ingest(params: Params, layout: Layout) -> IngestResult:
         load_extra_images(
             resolve_path(params.data.extra_path, layout),
             ds.classes,
-            PreprocessSpec.from_params(params),
+            PreprocessSpec.from_dict(ds.preprocess),
             params.serve.max_pixels,
         )
         if params.data.extra_path is not None
@@ -172,8 +213,13 @@ def run_ingest(params: Params, layout: Layout) -> IngestResult:
             "test_files": ds.test_files,
             "unreadable": ds.unreadable,
             "checksums": ds.checksums,
-            # How image files become model inputs; prepare passes it on to the model.
-            "preprocess": params.preprocess.model_dump(mode="json"),
+            "val_indices": ds.val_indices,
+            # How image files became model inputs (decided from the data where params say
+            # auto); prepare passes it on to the model.
+            "preprocess": ds.preprocess,
+            "profile": ds.profile,
+            "fingerprint": ds.fingerprint,
+            "request": ingest_request(params),
             "extra": {
                 "path": params.data.extra_path,
                 "n": len(extra.y),

@@ -12,7 +12,8 @@ bytes:
    in :mod:`visionops.data.validate`).
 2. The remaining training pool is shuffled; ``data.limit`` caps the pool, i.e. the images
    train and validation are drawn from together.
-3. Validation takes ``round(val_fraction * n)`` images, shared among the classes in
+3. Validation takes the pictures of an image folder's ``val/`` when it has one, else
+   ``round(val_fraction * n)`` images, shared among the classes in
    proportion to their size (stratified, largest remainders first; a class never gives
    away its last image); the rest is the training split.
 4. ``data.test_limit`` keeps a seeded random subset of the test set (a prefix could be a
@@ -144,6 +145,15 @@ def _extra_images(layout: Layout, shape: tuple[int, ...]) -> tuple[np.ndarray, n
     return a["x_extra"].astype(np.uint8), a["y_extra"].astype(np.int64)
 
 
+def _decided_preprocess(meta: dict[str, Any]) -> dict[str, Any]:
+    """How ingest turned files into pictures (``dataset.json``), without its geometry and
+    statistics (prepare records those itself): kind, invert, center, digit_box."""
+    decided = meta["preprocess"]
+    if not isinstance(decided, dict):
+        raise DataError(f"dataset.json: 'preprocess' is not a mapping ({decided!r}); re-run ingest")
+    return {k: v for k, v in decided.items() if k not in ("image_size", "channels", "mean", "std")}
+
+
 def run_prepare(params: Params, layout: Layout) -> PrepareResult:
     """Split, cap and compute statistics from the ingest outputs; write data/prepared/."""
     meta = read_json(layout.dataset_json)
@@ -169,9 +179,17 @@ def run_prepare(params: Params, layout: Layout) -> PrepareResult:
     seed = params.seed % 2**63  # SeedSequence takes non-negative integers only
     rng_split = np.random.default_rng([seed, 0])
     rng_test = np.random.default_rng([seed, 1])
-    train_idx, val_idx = split_train_val(
-        y_train, pool, params.data.val_fraction, rng_split, params.data.limit
-    )
+    predefined = meta.get("val_indices")
+    if predefined:  # an image folder's val/: the validation split is given
+        val_idx = np.intersect1d(np.asarray(predefined, dtype=np.int64), pool)
+        order = rng_split.permutation(np.setdiff1d(pool, val_idx))
+        if params.data.limit is not None:
+            order = order[: params.data.limit]
+        train_idx = np.sort(order).astype(np.int64)
+    else:
+        train_idx, val_idx = split_train_val(
+            y_train, pool, params.data.val_fraction, rng_split, params.data.limit
+        )
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise DataError(
             f"{layout.dataset_npz}: {len(train_idx)} training and {len(val_idx)} validation "
@@ -215,7 +233,7 @@ def run_prepare(params: Params, layout: Layout) -> PrepareResult:
         "n_val": len(val_idx),
         "n_test": len(test_idx),
         "source": source,
-        "preprocess": meta["preprocess"],
+        "preprocess": _decided_preprocess(meta),
         "seed": params.seed,
         "val_fraction": params.data.val_fraction,
         "limit": params.data.limit,

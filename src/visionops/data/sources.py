@@ -73,7 +73,11 @@ CIFAR10_RECORD = 1 + 3 * 32 * 32  # label byte + CHW pixels
 #: :func:`download_cifar10` when no SHA-256 is known.
 CIFAR10_BINARY_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+#: torchvision's ImageFolder extensions that :func:`decode_image` reads, plus GIF;
+#: matched case-insensitively (``.JPG`` counts).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+#: Optional split folders of an image folder (torchvision's layout).
+SPLIT_FOLDERS = ("train", "val", "test")
 
 # Upper bounds on what a parser will read into memory (a hostile header or gzip bomb
 # must fail with a message, not exhaust the machine).
@@ -106,6 +110,14 @@ class RawDataset:
     test_files: list[str] | None = None
     unreadable: list[dict[str, str]] = field(default_factory=list)
     checksums: dict[str, str] = field(default_factory=dict)
+    #: Indices into ``x_train`` that came from an image folder's ``val/`` (prepare's
+    #: validation split); None = prepare draws the validation split itself.
+    val_indices: list[int] | None = None
+    #: The decided preprocessing (``PreprocessSpec.to_dict()``) and what it was decided from.
+    preprocess: dict[str, object] = field(default_factory=dict)
+    profile: dict[str, object] | None = None
+    #: :func:`folder_fingerprint` of an image folder when it was read.
+    fingerprint: str | None = None
 
     @property
     def image_size(self) -> int:
@@ -400,7 +412,7 @@ def load_cifar10_binary(path: Path) -> RawDataset:
 
 
 def _class_dirs(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not _hidden(p.name))
 
 
 def _list_images(class_root: Path, cls: str, root: Path) -> tuple[list[Path], int]:
@@ -426,22 +438,47 @@ def _split_rank(seed: int, rel: str) -> str:
     return hashlib.sha256(f"{seed}:{rel}".encode()).hexdigest()
 
 
-def load_imagefolder(
-    root: Path,
-    spec: PreprocessSpec,
-    *,
-    test_fraction: float,
-    seed: int,
-    max_pixels: int,
-) -> RawDataset:
-    """Images from ``root/<class>/...`` (or ``root/train/<class>`` + ``root/test/<class>``).
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
 
-    Classes are the sorted folder names. Each file goes through
-    :func:`~visionops.data.transforms.decode_image` and
-    :func:`~visionops.data.transforms.image_to_array` with ``spec`` (the serving path).
-    Files that cannot be decoded are listed in ``unreadable``. Without train/test
-    subfolders, ``round(test_fraction * n)`` images of each class go to the test split,
-    chosen by a seeded hash of their relative path.
+
+def folder_fingerprint(root: Path) -> str:
+    """A digest of every visible file's relative path, size and modification time under
+    ``root``: it changes when a picture is added, removed, renamed or rewritten."""
+    h = hashlib.blake2b(digest_size=16)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        for fname in sorted(f for f in filenames if not _hidden(f)):
+            path = Path(dirpath) / fname
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            rel = path.relative_to(root).as_posix()
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class FolderListing:
+    """The files of an image folder: classes and ``(path, label, split or None)``."""
+
+    root: Path
+    classes: list[str]
+    entries: list[tuple[Path, int, str | None]]
+    has_split: bool
+
+    @property
+    def files(self) -> list[Path]:
+        return [e[0] for e in self.entries]
+
+
+def list_imagefolder(root: Path) -> FolderListing:
+    """List ``root/<class>/...`` or ``root/{train,test}/<class>/...`` (``val/`` optional).
+
+    torchvision's ImageFolder conventions: classes are the sorted names of the visible
+    class folders, hidden files and folders (a leading dot) are skipped, extensions are
+    matched case-insensitively and subfolders of a class folder are searched too.
     """
     root = Path(root)
     if not root.exists():
@@ -449,26 +486,31 @@ def load_imagefolder(
     if not root.is_dir():
         raise DataError(f"{root} is not a folder (imagefolder expects one subfolder per class)")
 
-    train_dir, test_dir = root / "train", root / "test"
+    train_dir, val_dir, test_dir = (root / name for name in SPLIT_FOLDERS)
     has_split = train_dir.is_dir() and test_dir.is_dir()
     if train_dir.is_dir() != test_dir.is_dir():
         present = train_dir if train_dir.is_dir() else test_dir
         raise DataError(
             f"{root}: found {present.name}/ without its partner; use both train/ and test/ "
-            f"(each holding class folders) or neither"
+            f"(each holding class folders, val/ optional) or neither"
         )
+    if val_dir.is_dir() and not has_split:
+        raise DataError(f"{root}: found val/ without train/ and test/; use all three or none")
 
-    # (relative path, label, predefined split or None)
     entries: list[tuple[Path, int, str | None]] = []
     groups: list[tuple[Path, str | None, list[str]]]
     ignored = 0
     if has_split:
         classes = _class_dirs(train_dir)
-        test_classes = _class_dirs(test_dir)
-        unknown = sorted(set(test_classes) - set(classes))
-        if unknown:
-            raise DataError(f"{test_dir}: class folder(s) {unknown} have no match in {train_dir}")
-        groups = [(train_dir, "train", classes), (test_dir, "test", test_classes)]
+        groups = [(train_dir, "train", classes)]
+        for other, split_name in ((val_dir, "val"), (test_dir, "test")):
+            if not other.is_dir():
+                continue
+            names = _class_dirs(other)
+            unknown = sorted(set(names) - set(classes))
+            if unknown:
+                raise DataError(f"{other}: class folder(s) {unknown} have no match in {train_dir}")
+            groups.append((other, split_name, names))
     else:
         classes = _class_dirs(root)
         groups = [(root, None, classes)]
@@ -490,6 +532,35 @@ def load_imagefolder(
         )
     if not entries:
         raise DataError(f"{root}: no {'/'.join(IMAGE_EXTENSIONS)} files in the class folders")
+    return FolderListing(root=root, classes=classes, entries=entries, has_split=has_split)
+
+
+def load_imagefolder(
+    root: Path,
+    spec: PreprocessSpec,
+    *,
+    test_fraction: float,
+    seed: int,
+    max_pixels: int,
+    listing: FolderListing | None = None,
+) -> RawDataset:
+    """Images from ``root/<class>/...`` (or ``root/train/<class>`` + ``root/test/<class>``,
+    with ``root/val/<class>`` optional; see :func:`list_imagefolder`).
+
+    Each file goes through :func:`~visionops.data.transforms.decode_image` and
+    :func:`~visionops.data.transforms.image_to_array` with ``spec`` (the serving path).
+    Files that cannot be decoded are listed in ``unreadable``. Without train/test
+    subfolders, ``round(test_fraction * n)`` images of each class go to the test split,
+    chosen by a seeded hash of their relative path. Pictures from ``val/`` are appended
+    to the training arrays and their indices kept in ``val_indices``.
+    """
+    listing = listing or list_imagefolder(root)
+    root, classes, entries, has_split = (
+        listing.root,
+        listing.classes,
+        listing.entries,
+        listing.has_split,
+    )
 
     readable: list[tuple[str, int, str | None, np.ndarray]] = []
     unreadable: list[dict[str, str]] = []
@@ -534,6 +605,13 @@ def load_imagefolder(
         return x, y, [r[0] for r in rows]
 
     x_train, y_train, train_files = stack("train")
+    x_val, y_val, val_files = stack("val")
+    val_indices = None
+    if val_files:
+        val_indices = list(range(len(y_train), len(y_train) + len(y_val)))
+        x_train = np.concatenate([x_train, x_val])
+        y_train = np.concatenate([y_train, y_val])
+        train_files = train_files + val_files
     x_test, y_test, test_files = stack("test")
     checksums: dict[str, str] = {}
     if (root / CHECKSUM_FILE).is_file():
@@ -549,6 +627,8 @@ def load_imagefolder(
         test_files=test_files,
         unreadable=unreadable,
         checksums=checksums,
+        val_indices=val_indices,
+        preprocess=spec.to_dict(),
     )
 
 
@@ -584,18 +664,27 @@ def resolve_data_path(params: Params, layout: Layout) -> Path:
 
 def load_source(params: Params, layout: Layout) -> RawDataset:
     """Load the source named by ``data.source`` from ``data.path`` at the params' shape."""
+    from visionops.data.profile import profile_images, resolve_spec
+
     path = resolve_data_path(params, layout)
     size, channels = params.data.shape()
     source = params.data.source
     if source == "imagefolder":
-        spec = PreprocessSpec.from_params(params)
-        return load_imagefolder(
+        fingerprint = folder_fingerprint(path) if path.is_dir() else None
+        listing = list_imagefolder(path)
+        profile = profile_images(listing.files, params.serve.max_pixels)
+        spec = resolve_spec(params, profile)
+        ds = load_imagefolder(
             path,
             spec,
             test_fraction=params.data.test_fraction,
             seed=params.seed,
             max_pixels=params.serve.max_pixels,
+            listing=listing,
         )
+        ds.profile = profile.to_dict()
+        ds.fingerprint = fingerprint
+        return ds
     if source == "mnist":
         ds = load_mnist(path)
     elif source == "cifar10":
@@ -606,6 +695,7 @@ def load_source(params: Params, layout: Layout) -> RawDataset:
         log.info("converting %s to %dx%dx%d", source, size, size, channels)
         ds.x_train = convert_arrays(ds.x_train, size, channels)
         ds.x_test = convert_arrays(ds.x_test, size, channels)
+    ds.preprocess = resolve_spec(params, source=source).to_dict()
     return ds
 
 

@@ -30,7 +30,7 @@ import io
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -38,14 +38,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from visionops.data.ink import digit_to_mnist, has_alpha, is_dark_on_light
 from visionops.errors import DataError
 
-if TYPE_CHECKING:
-    from visionops.config import Params
-
 log = logging.getLogger(__name__)
 
 #: Formats :func:`decode_image` will open; everything else is refused unread.
 ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
 INVERT_MODES = ("auto", "always", "never")
+#: ``digit``: MNIST conventions; ``natural``: photos (see :mod:`visionops.data.natural`).
+KINDS = ("digit", "natural")
 
 
 class UnreadableImageError(DataError):
@@ -68,6 +67,7 @@ class PreprocessSpec:
     invert: str = "auto"
     center: bool = True
     digit_box: int = 20
+    kind: str = "digit"
 
     def __post_init__(self) -> None:
         # Normalise list inputs (from JSON) to tuples of floats so the spec stays hashable.
@@ -80,6 +80,8 @@ class PreprocessSpec:
             problems.append(f"image_size must be positive (got {self.image_size!r})")
         if int(self.digit_box) < 1:
             problems.append(f"digit_box must be positive (got {self.digit_box!r})")
+        if self.kind not in KINDS:
+            problems.append(f"kind must be one of {KINDS} (got {self.kind!r})")
         if self.invert not in INVERT_MODES:
             problems.append(f"invert must be one of {INVERT_MODES} (got {self.invert!r})")
         for name, values in (("mean", self.mean), ("std", self.std)):
@@ -100,7 +102,8 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
-        """Inverse of :meth:`to_dict`; unknown keys are ignored, missing ones are errors."""
+        """Inverse of :meth:`to_dict`; unknown keys are ignored, missing ones are errors
+        (``kind`` may be missing: models from before it existed are ``digit``)."""
         names = ("image_size", "channels", "mean", "std", "invert", "center", "digit_box")
         missing = [n for n in names if n not in d]
         if missing:
@@ -113,6 +116,7 @@ class PreprocessSpec:
             invert=str(d["invert"]),
             center=bool(d["center"]),
             digit_box=int(d["digit_box"]),
+            kind=str(d.get("kind", "digit")),
         )
 
     @classmethod
@@ -129,25 +133,6 @@ class PreprocessSpec:
         except KeyError as exc:
             raise DataError(f"prepared meta has no '{exc.args[0]}' key") from None
         return cls.from_dict(flat)
-
-    @classmethod
-    def from_params(
-        cls,
-        params: Params,
-        mean: tuple[float, ...] | list[float] = (0.0,),
-        std: tuple[float, ...] | list[float] = (1.0,),
-    ) -> PreprocessSpec:
-        """Geometry and preprocessing from params; ``mean``/``std`` come from prepare."""
-        size, channels = params.data.shape()
-        return cls(
-            image_size=size,
-            channels=channels,
-            mean=tuple(mean),
-            std=tuple(std),
-            invert=params.preprocess.invert,
-            center=params.preprocess.center,
-            digit_box=params.preprocess.digit_box,
-        )
 
 
 # --------------------------------------------------------------------------- decode
@@ -243,11 +228,18 @@ def _resize(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def image_to_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """A decoded image as uint8 ``(image_size, image_size, channels)``, ink bright.
 
-    Single channel: inverted when ``spec.invert`` says so (``auto``: when the border is
+    ``spec.kind == "natural"``: :func:`visionops.data.natural.natural_to_array` (resize
+    the shorter side, centre-crop; colours kept). Otherwise, single channel: inverted
+    when ``spec.invert`` says so (``auto``: when the border is
     light), then MNIST-centred (``spec.center``) or plainly resized. Three channels:
     inverted only for ``invert="always"``, then resized. Deterministic.
     """
     size = int(spec.image_size)
+    if spec.kind == "natural":
+        from visionops.data.natural import natural_to_array
+
+        converted = _to_l_or_rgb(img, spec.channels)
+        return natural_to_array(converted, size, invert=spec.invert == "always")
     if spec.channels == 1 and spec.center:
         # Alpha is read by meaning (ink may live in it), so it is kept for this path.
         source = img if has_alpha(img) else _to_l_or_rgb(img, 1)

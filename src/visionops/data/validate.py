@@ -64,6 +64,11 @@ class ValidationReport:
     source: str
     checks: list[Check]
     path: Path
+    #: What ingest decided (``PreprocessSpec.to_dict()``) and the folder profile behind it.
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    profile: dict[str, Any] | None = None
+    #: Why the source was ingested again before validating, or None.
+    reingested: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -83,15 +88,23 @@ class ValidationReport:
         }
 
     def describe(self) -> str:
+        pre = describe_preprocess(self.preprocess)
         if self.passed:
-            return f"{self.source}: all {len(self.checks)} checks passed ({self.path})"
+            return f"{self.source}: all {len(self.checks)} checks passed ({self.path}); {pre}"
         names = ", ".join(c.name for c in self.failures)
-        return f"{self.source}: {len(self.failures)} of {len(self.checks)} checks failed: {names}"
+        return (
+            f"{self.source}: {len(self.failures)} of {len(self.checks)} checks failed: "
+            f"{names}; {pre}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "passed": self.passed,
+            "preprocess": self.preprocess,
+            "preprocess_summary": describe_preprocess(self.preprocess),
+            "profile": self.profile,
+            "reingested": self.reingested,
             "checks": [c.to_dict() for c in self.checks],
         }
 
@@ -128,8 +141,12 @@ def _check_arrays(a: dict[str, np.ndarray], meta: dict[str, Any]) -> Check:
 
 
 def _check_shape(a: dict[str, np.ndarray], meta: dict[str, Any], params: Params) -> Check:
-    size, channels = params.data.shape()
     recorded = (meta.get("image_size"), meta.get("image_size"), meta.get("channels"))
+    decided = meta.get("preprocess") or {}
+    size = params.data.image_size or decided.get("image_size")
+    channels = params.data.channels or decided.get("channels")
+    if size is None or channels is None:  # written before the decision was recorded
+        size, channels = params.data.shape()
     wanted = (size, size, channels)
     problems = []
     for split in ("train", "test"):
@@ -251,8 +268,32 @@ def _check_unreadable(meta: dict[str, Any]) -> Check:
     return Check("unreadable_files", not bad, {"count": len(bad), "files": bad}, problem)
 
 
+def describe_preprocess(decided: dict[str, Any]) -> str:
+    """One line saying how pictures become model inputs (the decisions of ingest)."""
+    if not decided:
+        return "preprocessing: not recorded (re-run ingest)"
+    size, channels = decided.get("image_size"), decided.get("channels")
+    colour = "colour" if channels == 3 else "grey"
+    if decided.get("kind") == "natural":
+        how = "natural pictures: resize the shorter side, centre-crop; no inversion, no centring"
+    else:
+        centre = "digit centring" if decided.get("center") else "no centring"
+        how = f"digits: invert {decided.get('invert')}, {centre}"
+    return f"preprocessing: {size}x{size} {colour}, {how}"
+
+
 def run_validate(params: Params, layout: Layout) -> ValidationReport:
-    """Run every check, write ``reports/validation.json``; raise if any check failed."""
+    """Run every check, write ``reports/validation.json``; raise if any check failed.
+
+    When the ingested data is stale (params or the image folder changed since ingest,
+    see :func:`~visionops.data.ingest.stale_reason`) the source is ingested again first.
+    """
+    from visionops.data.ingest import run_ingest, stale_reason
+
+    reason = stale_reason(params, layout)
+    if reason is not None:
+        log.info("re-reading %s: %s", params.data.path, reason)
+        run_ingest(params, layout)
     meta = read_json(layout.dataset_json)
     arrays = read_npz(layout.dataset_npz, DATASET_KEYS)
     classes = [str(c) for c in meta.get("classes") or []]
@@ -265,7 +306,14 @@ def run_validate(params: Params, layout: Layout) -> ValidationReport:
     checks.append(_check_unreadable(meta))
 
     path = layout.reports_dir / "validation.json"
-    report = ValidationReport(source=source, checks=checks, path=path)
+    report = ValidationReport(
+        source=source,
+        checks=checks,
+        path=path,
+        preprocess=dict(meta.get("preprocess") or {}),
+        profile=meta.get("profile"),
+        reingested=reason,
+    )
     write_json(path, report.to_dict())
     if not report.passed:
         lines = "; ".join(f"{c.name}: {c.problem}" for c in report.failures)

@@ -184,11 +184,29 @@ def build_model(
     num_classes: int,
     width: int = 32,
     dropout: float = 0.1,
-) -> ZooModel:
-    """Build an untrained architecture of the zoo by name (see the module docstring)."""
+    pretrained: bool | str = False,
+) -> Any:
+    """Build an architecture of the zoo by name (see the module docstring), or any timm
+    model name as a :class:`~visionops.models.timm_backbone.TimmModel` (``pretrained``
+    applies to those only). Returns a :class:`ZooModel` or a ``TimmModel``: both follow
+    ``forward(x) == head(forward_features(x))``. Raises :class:`ModelError`."""
     builder = _BUILDERS.get(name)
     if builder is None:
-        raise ModelError(f"unknown model '{name}'; choose from {', '.join(sorted(_BUILDERS))}")
+        from visionops.models.names import is_model_name
+
+        if not is_model_name(name):
+            raise ModelError(
+                f"unknown model '{name}'; choose from {', '.join(sorted(_BUILDERS))} "
+                "or a timm model name"
+            )
+        if in_channels < 1 or num_classes < 2 or not 0.0 <= dropout < 1.0:
+            raise ModelError(
+                f"cannot build '{name}' with in_channels={in_channels}, "
+                f"num_classes={num_classes}, dropout={dropout}"
+            )
+        from visionops.models.timm_backbone import TimmModel
+
+        return TimmModel(name, in_channels, num_classes, dropout, pretrained)
     if in_channels < 1 or num_classes < 2 or width < 1 or not 0.0 <= dropout < 1.0:
         raise ModelError(
             f"cannot build '{name}' with in_channels={in_channels}, num_classes={num_classes}, "

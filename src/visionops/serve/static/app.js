@@ -1,4 +1,7 @@
 // visionops web page: draw or upload a digit, POST it to /v1/predict, show the answer.
+// For a model of natural pictures (metadata preprocess.kind == "natural") the page is
+// upload first: file picker (camera on phones), drag and drop, paste; no drawing; the
+// five most probable classes are shown.
 // Plain JavaScript, no dependencies: it is served by the app itself.
 "use strict";
 
@@ -18,7 +21,12 @@
   const fbLabel = document.getElementById("fb-label");
   const fbStatus = document.getElementById("fb-status");
 
+  const dropEl = document.getElementById("drop");
+  const hintEl = document.getElementById("hint");
+  const clearBtn = document.getElementById("clear");
+
   let classes = [];
+  let natural = false; // a model of photos: upload only, top-5
   let drawing = false;
   let inked = false; // something was drawn since the last clear
   let source = "canvas"; // "canvas" or "file": what Predict sends
@@ -56,6 +64,7 @@
   // Pointer events cover mouse, touch and pen alike.
   canvas.addEventListener("pointerdown", (ev) => {
     ev.preventDefault();
+    if (natural) return; // the canvas only previews uploads for photo models
     if (source === "file") {
       // Drawing after an upload starts a new drawing.
       clearCanvas();
@@ -83,7 +92,12 @@
 
   function renderBars(probabilities, top) {
     barsEl.replaceChildren();
-    const names = classes.length ? classes : Object.keys(probabilities);
+    let names = classes.length ? classes : Object.keys(probabilities);
+    if (natural || names.length > 10) {
+      // The five most probable classes, most probable first.
+      names = [...names].sort((a, b) => (probabilities[b] || 0) - (probabilities[a] || 0));
+      names = names.slice(0, 5);
+    }
     for (const name of names) {
       const p = probabilities[name] || 0;
       const row = document.createElement("div");
@@ -223,9 +237,13 @@
   }
 
   function predict() {
-    if (source === "file" && fileInput.files.length) {
-      const f = fileInput.files[0];
-      return predictBlob(f, f.name);
+    if (source === "file" && (pending || fileInput.files.length)) {
+      const f = pending || fileInput.files[0];
+      return predictBlob(f, f.name || "pasted.png");
+    }
+    if (natural) {
+      setStatus("choose, drop or paste a picture first", true);
+      return Promise.resolve();
     }
     if (!inked) {
       setStatus("draw a digit first (or upload an image)", true);
@@ -252,18 +270,43 @@
     img.src = url;
   }
 
+  let pending = null; // a dropped or pasted picture (not in the file input)
+
+  function useFile(file) {
+    source = "file";
+    pending = file;
+    showUpload(file);
+    predictBlob(file, file.name || "pasted.png");
+  }
+
   fileInput.addEventListener("change", () => {
     if (!fileInput.files.length) return;
-    source = "file";
-    showUpload(fileInput.files[0]);
-    predict();
+    useFile(fileInput.files[0]);
+  });
+  for (const type of ["dragenter", "dragover"]) {
+    document.addEventListener(type, (ev) => {
+      ev.preventDefault();
+      dropEl.classList.add("over");
+    });
+  }
+  document.addEventListener("dragleave", () => dropEl.classList.remove("over"));
+  document.addEventListener("drop", (ev) => {
+    ev.preventDefault();
+    dropEl.classList.remove("over");
+    const f = ev.dataTransfer && ev.dataTransfer.files[0];
+    if (f) useFile(f);
+  });
+  document.addEventListener("paste", (ev) => {
+    const items = (ev.clipboardData && ev.clipboardData.files) || [];
+    if (items.length) useFile(items[0]);
   });
   predictBtn.addEventListener("click", () => {
     predict();
   });
-  document.getElementById("clear").addEventListener("click", () => {
+  clearBtn.addEventListener("click", () => {
     clearCanvas();
     fileInput.value = "";
+    pending = null;
     source = "canvas";
     labelEl.textContent = "–";
     confidenceEl.textContent = "–";
@@ -284,6 +327,17 @@
         return;
       }
       classes = body.classes;
+      natural = Boolean(body.preprocess && body.preprocess.kind === "natural");
+      if (natural) {
+        document.title = "visionops — classify a picture";
+        dropEl.hidden = false;
+        clearBtn.hidden = true;
+        canvas.setAttribute("aria-label", "The uploaded picture");
+        hintEl.textContent =
+          "The server resizes and centre-crops the picture exactly as the training " +
+          "pictures were.";
+      }
+      document.body.dataset.kind = natural ? "natural" : "digit";
       const parts = [body.name];
       parts.push(body.version ? "version " + body.version : "sha " + body.digest.slice(0, 8));
       if (body.alias) parts.push("@" + body.alias);
