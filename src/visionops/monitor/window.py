@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine, make_url
 
 from visionops.errors import ConfigError, DataError
 from visionops.monitor.stats import STAT_NAMES
+from visionops.ood import REASONS
 from visionops.serve.predlog import (
     create_predlog_engine,
     decode_embedding,
@@ -34,7 +35,14 @@ log = logging.getLogger(__name__)
 MIN_WINDOW_ROWS = 30
 #: Upper bound on the rows one window may hold (memory and time stay bounded).
 MAX_WINDOW_ROWS = 200_000
-OPTIONAL_COLUMNS = ("stroke_thickness", "thumbnail", "input_pixels", "input_shape")
+OPTIONAL_COLUMNS = (
+    "stroke_thickness",
+    "thumbnail",
+    "input_pixels",
+    "input_shape",
+    "reason",
+    "ood_score",
+)
 
 
 class InsufficientDataError(DataError):
@@ -64,6 +72,15 @@ class Window:
     embedding_rows: np.ndarray = field(repr=False)  # row positions the embeddings belong to
     model_versions: tuple[str, ...] = ()
     thumbnails: list[str | None] | None = field(default=None, repr=False)
+    # Why each prediction was not accepted (None: accepted); None when not logged.
+    reasons: list[str | None] | None = None
+    ood_scores: np.ndarray | None = field(default=None, repr=False)  # float64, NaN: none
+
+    def rejections(self) -> dict[str, int] | None:
+        """Predictions not accepted, by reason; None when the log has no reason column."""
+        if self.reasons is None:
+            return None
+        return {r: sum(1 for x in self.reasons if x == r) for r in REASONS}
 
     @property
     def size(self) -> int:
@@ -85,6 +102,7 @@ class Window:
             "first_id": int(self.ids[0]) if self.size else None,
             "last_id": int(self.ids[-1]) if self.size else None,
             "model_versions": list(self.model_versions),
+            "rejections": self.rejections(),
         }
 
     def slice(self, start: int, stop: int) -> Window:
@@ -102,6 +120,8 @@ class Window:
             embedding_rows=self.embedding_rows[keep] - start,
             model_versions=self.model_versions,
             thumbnails=None if self.thumbnails is None else self.thumbnails[start:stop],
+            reasons=None if self.reasons is None else self.reasons[start:stop],
+            ood_scores=None if self.ood_scores is None else self.ood_scores[start:stop],
         )
 
 
@@ -319,6 +339,12 @@ def load_window(
         thumbnails=_thumbnails(rows)
         if thumbnails and ("thumbnail" in optional or "input_pixels" in optional)
         else None,
+        reasons=[r["reason"] for r in rows] if "reason" in optional else None,
+        ood_scores=(
+            np.asarray([np.nan if r["ood_score"] is None else r["ood_score"] for r in rows])
+            if "ood_score" in optional
+            else None
+        ),
     )
 
 
