@@ -291,6 +291,27 @@ class ExportParams(StrictModel):
     )
 
 
+class OodParams(StrictModel):
+    """Out-of-distribution rejection (:mod:`visionops.ood`): calibrated by the export stage."""
+
+    false_rejection_rate: float = Field(
+        default=0.005, gt=0.0, lt=0.5, description="share of validation images the OOD test rejects"
+    )
+    k: int = Field(default=1, ge=1, description="k-th nearest neighbour in the embedding bank")
+    bank_size: int = Field(
+        default=5000, ge=10, description="training-split embeddings kept beside the model"
+    )
+    min_ink_pixels: int = Field(
+        default=8, ge=0, description="fewer pixels at half ink or more: no_ink (0 = off)"
+    )
+
+    @model_validator(mode="after")
+    def _k_within_bank(self) -> OodParams:
+        if self.k > self.bank_size:
+            raise ValueError(f"k ({self.k}) must not exceed bank_size ({self.bank_size})")
+        return self
+
+
 class ServeParams(StrictModel):
     confidence_threshold: float = Field(default=0.7, ge=0.0, le=1.0)
     max_batch_size: int = Field(default=32, ge=1)
@@ -309,6 +330,7 @@ class Params(StrictModel):
     registry: RegistryParams = RegistryParams()
     export: ExportParams = ExportParams()
     gate: GateParams = GateParams()
+    ood: OodParams = OodParams()
     serve: ServeParams = ServeParams()
     tune: TuneParams = TuneParams()
 

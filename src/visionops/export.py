@@ -5,9 +5,9 @@ must not need: ``model.onnx`` (input ``input`` float32 ``(N, C, H, W)``, already
 normalised, dynamic ``N``; outputs ``probabilities`` — softmax in the graph — and
 ``embedding``) and ``metadata.json`` (classes, preprocessing, metrics, parity).
 
-torch is imported inside the functions that need it: the ONNX Runtime helpers at the
-bottom (sessions, batched prediction, latency) are shared with the promotion gate and
-must stay importable without torch.
+torch is imported inside the functions that need it. The torch-free helpers it shares
+with the promotion gate and the reports (reading artifacts, ONNX Runtime sessions,
+batched prediction, latency) live in :mod:`visionops.artifacts`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import json
 import logging
 import math
 import shutil
-import subprocess
-import time
 import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from visionops.artifacts import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    git_sha,
+    latency_ms,
+    load_split,
+    numeric_metrics,
+    open_session,
+    read_json,
+)
 from visionops.errors import DataError, ModelError
 from visionops.stages import missing_input
 
@@ -33,18 +41,17 @@ if TYPE_CHECKING:
     from torch import nn
 
     from visionops.config import Params
+    from visionops.data.transforms import PreprocessSpec
     from visionops.layout import Layout
+    from visionops.ood import OodDetector
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-INPUT_NAME = "input"
-OUTPUT_NAMES = ("probabilities", "embedding")
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
 #: Test images used for the torch/ONNX Runtime parity check.
 PARITY_SAMPLES = 64
-LATENCY_RUNS = 50
 
 
 @dataclass(frozen=True)
@@ -77,58 +84,6 @@ class ExportResult:
             f"parity max |diff| {self.parity_max_abs_diff:.2e}, "
             f"ONNX Runtime p95 {self.latency_p95_ms:.2f} ms at batch 1"
         )
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def read_json(path: Path, produced_by: str) -> dict[str, Any]:
-    """A JSON object from ``path``; a missing or malformed file names itself."""
-    if not path.is_file():
-        raise DataError(missing_input(path, produced_by))
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``x`` (uint8 N,H,W,C) and ``y`` (int64) of a prepared split."""
-    from visionops.data.ingest import read_npz
-
-    if not path.is_file():
-        raise DataError(missing_input(path))
-    arrays = read_npz(path, ("x", "y"))
-    return arrays["x"], arrays["y"].astype(np.int64)
-
-
-def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The top-level numbers of an evaluation metrics file (booleans excluded)."""
-    return {
-        k: float(v)
-        for k, v in metrics.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
-
-
-def git_sha(root: Path) -> str | None:
-    """The commit the project is at, or None outside git / before the first commit."""
-    try:
-        proc = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    sha = proc.stdout.strip()
-    return sha if proc.returncode == 0 and sha else None
 
 
 # --------------------------------------------------------------------------- torch side
@@ -359,6 +314,9 @@ def run_export(params: Params, layout: Layout) -> ExportResult:
             staging, x_val, spec, y_val, classes=[str(c) for c in classes], seed=params.seed
         )
         log.info("reference profile: %s", reference.describe())
+        detector = calibrate_ood(staging, layout, spec, x_val, params)
+        metadata["ood"] = detector.to_metadata()
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         shutil.rmtree(layout.export_dir, ignore_errors=True)
         staging.rename(layout.export_dir)
     finally:
@@ -379,45 +337,44 @@ def run_export(params: Params, layout: Layout) -> ExportResult:
     )
 
 
-# --------------------------------------------------------------------------- ONNX Runtime
-# No torch below this line: the gate uses these helpers.
+def calibrate_ood(
+    folder: Path, layout: Layout, spec: PreprocessSpec, x_val: np.ndarray, params: Params
+) -> OodDetector:
+    """Calibrate the out-of-distribution test of the model in ``folder`` and save its bank.
 
+    The bank is a seeded sample of ``ood.bank_size`` training-split embeddings; the
+    threshold is set on the whole validation split (other images than the bank's) so that
+    ``ood.false_rejection_rate`` of it is rejected. Writes ``folder/ood_bank.npy``.
+    """
+    from visionops.monitor.reference import score_images
+    from visionops.ood import calibrate
 
-def open_session(path: Path, threads: int = 0) -> Any:
-    """An ONNX Runtime CPU session; ``threads=0`` lets ONNX Runtime choose."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own exception types for unreadable graphs
-        raise ModelError(f"{path}: ONNX Runtime cannot load the model ({exc})") from None
-
-
-def predict_probabilities(session: Any, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """``probabilities`` for normalised ``x`` (N, C, H, W), in batches."""
-    chunks = [
-        session.run([OUTPUT_NAMES[0]], {INPUT_NAME: x[i : i + batch_size]})[0]
-        for i in range(0, len(x), batch_size)
-    ]
-    if not chunks:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(chunks).astype(np.float32, copy=False)
-
-
-def latency_ms(
-    session: Any, x1: np.ndarray, runs: int = LATENCY_RUNS, warmup: int = 5
-) -> tuple[float, float]:
-    """(p50, p95) wall time in milliseconds of one ``session.run`` on the batch ``x1``."""
-    feed = {INPUT_NAME: np.ascontiguousarray(x1, dtype=np.float32)}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1000.0)
-    p50, p95 = np.percentile(times, [50, 95])
-    return float(p50), float(p95)
+    x_train, _ = load_split(layout.split_npz("train"))
+    if len(x_train) == 0:
+        raise DataError(f"{layout.split_npz('train')}: the training split is empty")
+    rng = np.random.default_rng(params.seed)
+    size = min(len(x_train), params.ood.bank_size)
+    pick = np.sort(rng.choice(len(x_train), size=size, replace=False))
+    session = open_session(folder / MODEL_FILE)
+    _, bank = score_images(session, x_train[pick], spec)
+    _, val = score_images(session, x_val, spec)
+    detector = calibrate(
+        bank,
+        val,
+        params.ood.false_rejection_rate,
+        k=min(params.ood.k, len(bank)),
+        # Ink is a single-channel notion (ink bright on black); colour images have none.
+        min_ink_pixels=params.ood.min_ink_pixels if spec.channels == 1 else 0,
+        val_pixels=x_val if spec.channels == 1 else None,
+    )
+    detector.save_bank(folder)
+    log.info(
+        "OOD: k=%d nearest of %d training embeddings, threshold %.4f rejects %.2f%% of %d "
+        "validation images",
+        detector.k,
+        len(bank),
+        detector.threshold,
+        100 * detector.calibration["rejected_share"],
+        len(val),
+    )
+    return detector

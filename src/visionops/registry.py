@@ -308,7 +308,7 @@ def _current_parent(client: MlflowClient, settings: Settings, layout: Layout) ->
 
 
 def _start_parent(client: MlflowClient, settings: Settings, params: Params, layout: Layout) -> Any:
-    from visionops.export import git_sha
+    from visionops.artifacts import git_sha
 
     experiment_id = _experiment_id(client, params.registry.experiment, settings)
     tags = {"visionops.kind": "pipeline", "visionops.model_name": params.model_name()}
@@ -582,7 +582,7 @@ def _input_example(metadata: dict[str, Any]) -> np.ndarray:
 
 def _read_exported(folder: Path) -> dict[str, Any]:
     """metadata.json of an exported folder after checking both files are there."""
-    from visionops.export import read_json
+    from visionops.artifacts import read_json
 
     if not (folder / MODEL_FILE).is_file():
         raise DataError(missing_input(folder / MODEL_FILE, "visionops export"))
@@ -1004,8 +1004,8 @@ def _evaluate_folder(
     folder: Path, x_test: np.ndarray, y_test: np.ndarray, classes: list[str], label: str
 ) -> _Evaluated:
     """Accuracy of one exported model on the test split, with its own preprocessing."""
+    from visionops.artifacts import open_session, predict_probabilities, read_json
     from visionops.data.transforms import PreprocessSpec, normalize
-    from visionops.export import open_session, predict_probabilities, read_json
 
     metadata = read_json(folder / METADATA_FILE, "visionops export")
     model_classes = [str(c) for c in metadata.get("classes", [])]
@@ -1036,7 +1036,7 @@ class _Incomparable(VisionOpsError):
 
 
 def _test_split(layout: Layout) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from visionops.export import load_split, read_json
+    from visionops.artifacts import load_split, read_json
 
     meta = read_json(layout.prepared_meta, "visionops prepare")
     x, y = load_split(layout.split_npz("test"))
@@ -1054,7 +1054,7 @@ def _decide(
     version: str,
 ) -> GateDecision:
     """Run the gate's checks for ``version`` against the current champion (no side effects)."""
-    from visionops.export import latency_ms
+    from visionops.artifacts import latency_ms
 
     gate = params.gate
     champion = _alias_version(client, name, CHAMPION)
@@ -1223,7 +1223,7 @@ def run_gate(params: Params, layout: Layout) -> GateDecision:
     Rejection is a normal outcome, not an error: the decision is written to
     ``layout.gate_json``, tagged on the version and its run, and returned.
     """
-    from visionops.export import read_json
+    from visionops.artifacts import read_json
 
     registration = read_json(layout.registration_json, "visionops register")
     try:

@@ -207,7 +207,7 @@ def render_summary(
 def run_report(params: Params, layout: Layout) -> ReportResult:
     """Write ``reports/summary.md``, log it to the parent run and end that run (FINISHED)."""
     from visionops import registry
-    from visionops.export import numeric_metrics, read_json
+    from visionops.artifacts import numeric_metrics, read_json
 
     comparison = read_json(layout.comparison_json, "visionops compare")
     registration = read_json(layout.registration_json, "visionops register")

@@ -66,6 +66,7 @@ STAGE_PARAMS: Mapping[str, tuple[str, ...]] = {
         "data.path",
         "export",
         "evaluate.calibration_bins",
+        "ood",
     ),
     "register": ("registry", "data.source", "data.path"),
     "gate": ("gate", "evaluate.calibration_bins"),

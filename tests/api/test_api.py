@@ -456,7 +456,7 @@ def test_micro_batcher_merges_small_requests_and_chunks_large_ones(
     sizes: list[int] = []
     x = np.random.default_rng(1).standard_normal((12, 1, 28, 28)).astype(np.float32)
 
-    async def scenario() -> list[tuple[np.ndarray, np.ndarray]]:
+    async def scenario() -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
         batcher = MicroBatcher(max_batch_size=8, on_batch=sizes.append)
         batcher.start()
         try:
@@ -498,7 +498,8 @@ def test_micro_batcher_max_wait_is_an_upper_bound(tiny_model: LoadedModel) -> No
             assert not lone.done()  # waiting for company, up to max_wait_ms
         finally:
             await batcher.stop()  # stop scores what is pending
-        probs, _ = await asyncio.wait_for(lone, timeout=5)
+        probs, _, ood = await asyncio.wait_for(lone, timeout=5)
+        assert ood is None  # the tiny model has no OOD calibration
         assert probs.shape == (1, 10)
 
     asyncio.run(scenario())

@@ -141,7 +141,7 @@ def test_draw_upload_and_read_the_prediction(browser: Any, server: Any) -> None:
     assert shown_label == expected["label"]
     assert shown_confidence == f"{100 * expected['confidence']:.1f}%"
     assert page.get_attribute("#label", "data-request-id")
-    # The low-confidence badge is visible exactly when the API did not accept the answer.
+    # The reason badge is visible exactly when the API did not accept the answer.
     assert page.locator("#accepted").is_visible() == (not expected["accepted"])
     if os.environ.get("VISIONOPS_BROWSER_MODEL_URI"):
         assert shown_label == "1"  # a trained model reads a vertical stroke as a one
@@ -171,6 +171,29 @@ def test_draw_upload_and_read_the_prediction(browser: Any, server: Any) -> None:
     assert "draw a digit" in page.inner_text("#status")
 
     assert problems == []
+    page.close()
+
+
+def test_page_says_why_it_does_not_answer(browser: Any, server: Any) -> None:
+    """A blank upload is not accepted, and the page says so in words."""
+    from PIL import Image
+
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_selector("#model-version[data-loaded]", timeout=30_000)
+    blank = sf.encode(Image.new("L", (200, 200), 255))
+    assert api_predict(server.url, blank)["reason"] == "no_ink"
+    page.set_input_files(
+        "#file", files=[{"name": "blank.png", "mimeType": "image/png", "buffer": blank}]
+    )
+    wait_for_answer(page, 1)
+    badge = page.locator("#accepted")
+    assert badge.is_visible()
+    assert badge.get_attribute("data-reason") == "no_ink"
+    assert badge.inner_text() == "I don't see a digit here"
+    assert "rejected" in (page.get_attribute("#label", "class") or "")
+    page.click("#clear")
+    assert not badge.is_visible()
     page.close()
 
 

@@ -233,6 +233,7 @@ def test_dashboard_queries_only_series_the_service_exports() -> None:
         "visionops_http_requests_total",
         "visionops_http_request_duration_seconds_bucket",
         "visionops_predictions_total",
+        "visionops_rejected_predictions_total",
         "visionops_prediction_confidence_bucket",
         "visionops_drift_score",
         "visionops_model_loaded",

@@ -115,3 +115,12 @@ def test_every_postgres_url_the_project_opens_gets_an_engine(
         assert sa.create_engine(opened).dialect.driver == "psycopg"  # no connection is made
     assert create_predlog_engine(url).dialect.driver == "psycopg"
     assert resolve_storage(url, layout).startswith("postgresql+psycopg://")
+
+
+def test_ood_params_are_checked() -> None:
+    params = load_params(REPO / "params.yaml", ["ood.false_rejection_rate=0.01", "ood.k=3"])
+    assert (params.ood.false_rejection_rate, params.ood.k) == (0.01, 3)
+    with pytest.raises(ConfigError, match=r"k \(50\) must not exceed bank_size \(20\)"):
+        load_params(REPO / "params.yaml", ["ood.k=50", "ood.bank_size=20"])
+    with pytest.raises(ConfigError, match=r"ood\.false_rejection_rate"):
+        load_params(REPO / "params.yaml", ["ood.false_rejection_rate=0"])

@@ -10,10 +10,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from visionops.artifacts import git_sha
 from visionops.config import params_from_dict
 from visionops.data.transforms import PreprocessSpec, normalize
 from visionops.errors import DataError, ModelError
-from visionops.export import check_parity, export_module, export_onnx, git_sha, run_export
+from visionops.export import check_parity, export_module, export_onnx, run_export
 from visionops.layout import Layout
 from visionops.models.zoo import build_model
 
@@ -29,7 +30,11 @@ def _workspace(root: Path, best: str = "mlp") -> Layout:
     x = rng.integers(0, 256, size=(70, 8, 8, 1), dtype=np.uint8)
     y = rng.integers(0, 3, size=70).astype(np.int64)
     np.savez(layout.split_npz("test"), x=x, y=y)
-    np.savez(layout.split_npz("val"), x=x[:40], y=y[:40])  # the monitoring reference
+    # The monitoring reference and the OOD calibration set; the OOD bank comes from train.
+    x_val = rng.integers(0, 256, size=(200, 8, 8, 1), dtype=np.uint8)
+    np.savez(layout.split_npz("val"), x=x_val, y=rng.integers(0, 3, size=200).astype(np.int64))
+    x_train = rng.integers(0, 256, size=(120, 8, 8, 1), dtype=np.uint8)
+    np.savez(layout.split_npz("train"), x=x_train, y=rng.integers(0, 3, 120).astype(np.int64))
     meta = {"classes": CLASSES, "image_size": 8, "channels": 1, "mean": [0.2], "std": [0.3]}
     meta["preprocess"] = {"invert": "auto", "center": False, "digit_box": 20}
     layout.prepared_meta.write_text(json.dumps(meta))
@@ -65,8 +70,10 @@ def layout(tmp_path: Path) -> Layout:
     return _workspace(tmp_path)
 
 
-def _params(**gate: float):
-    return params_from_dict({"registry": {"model_name": "tiny-model"}, "gate": gate})
+def _params(ood: dict[str, float] | None = None, **gate: float):
+    return params_from_dict(
+        {"registry": {"model_name": "tiny-model"}, "gate": gate, "ood": ood or {}}
+    )
 
 
 def test_export_writes_the_contract(layout: Layout) -> None:
@@ -77,6 +84,7 @@ def test_export_writes_the_contract(layout: Layout) -> None:
     assert sorted(p.name for p in layout.export_dir.iterdir()) == [
         "metadata.json",
         "model.onnx",
+        "ood_bank.npy",
         "reference.json",
         "reference_embeddings.npy",
     ]
@@ -192,3 +200,37 @@ def test_missing_inputs_are_named(tmp_path: Path) -> None:
 
 def test_git_sha_outside_a_repository_is_none(tmp_path: Path) -> None:
     assert git_sha(tmp_path) is None
+
+
+def test_stored_ood_threshold_rejects_the_set_share_of_validation(layout: Layout) -> None:
+    """The threshold in metadata.json, applied as the server applies it, rejects
+    ``ood.false_rejection_rate`` of the validation split: 10 of 200 at 5 %."""
+    from visionops.ood import OodDetector, screen_pixels
+
+    run_export(_params(ood={"false_rejection_rate": 0.05, "bank_size": 100, "k": 3}), layout)
+    folder = layout.export_dir
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert meta["ood"]["false_rejection_rate"] == 0.05
+    assert meta["ood"]["bank_size"] == 100 and meta["ood"]["k"] == 3
+    detector = OodDetector.load(folder, meta)
+    assert detector.bank.shape == (100, detector.dim)
+    np.testing.assert_allclose(np.linalg.norm(detector.bank, axis=1), 1.0, rtol=1e-5)
+
+    with np.load(layout.split_npz("val")) as npz:
+        x_val = npz["x"]
+    session = ort.InferenceSession(str(folder / "model.onnx"))
+    _, emb = session.run(["probabilities", "embedding"], {"input": normalize(x_val, SPEC)})
+    screen = screen_pixels(x_val, detector.min_ink_pixels, detector.min_edge_density)
+    rejected = screen.no_ink | screen.no_strokes | detector.is_out(detector.score(emb))
+    assert int(rejected.sum()) == 10
+    assert meta["ood"]["calibration"]["rejected_share"] == pytest.approx(10 / 200)
+    # The edge-density test took its part (0.2 of the budget) before the embedding test.
+    assert 0 < int(screen.no_strokes.sum()) <= 2
+    assert detector.min_edge_density > 0
+
+
+def test_ood_calibration_needs_a_training_split(layout: Layout) -> None:
+    layout.split_npz("train").unlink()
+    with pytest.raises(DataError, match=r"train\.npz not found"):
+        run_export(_params(), layout)
+    assert not layout.export_dir.exists()

@@ -32,7 +32,7 @@ from visionops.monitor.feedback import (
 from visionops.monitor.reference import ReferenceProfile
 from visionops.monitor.report import write_monitoring_report
 from visionops.monitor.stats import image_statistics
-from visionops.monitor.window import InsufficientDataError
+from visionops.monitor.window import InsufficientDataError, load_window
 from visionops.serve.predlog import PredictionLog, PredictionRecord, create_predlog_engine
 
 CLASSES = tuple(str(i) for i in range(10))
@@ -77,6 +77,7 @@ def log_traffic(url: str) -> None:
     for i in range(N_CLEAN + N_DRIFT):
         drifted = i >= N_CLEAN
         label = "1" if drifted else CLASSES[int(rng.integers(10))]
+        confidence = float(rng.beta(2, 2) if drifted else rng.beta(20, 1))
         records.append(
             PredictionRecord(
                 created_at=START + timedelta(seconds=i),
@@ -87,8 +88,9 @@ def log_traffic(url: str) -> None:
                 model_alias="champion",
                 label=label,
                 class_index=int(label),
-                confidence=float(rng.beta(2, 2) if drifted else rng.beta(20, 1)),
-                accepted=True,
+                confidence=confidence,
+                accepted=confidence >= 0.7,
+                reason=None if confidence >= 0.7 else "low_confidence",
                 probabilities={c: 0.1 for c in CLASSES},
                 embedding=(rng.normal(1.0 if drifted else 0.0, 1.0, 8)).tolist(),
                 pixels=bars(1, rng, thick=drifted)[0],
@@ -250,6 +252,13 @@ def test_report_is_a_self_contained_html_file(
     assert "<script" not in lower and "<link" not in lower
     assert 'src="http' not in lower and 'href="http' not in lower and "url(" not in lower
     assert "No labelled predictions yet" in text
+    # Rejections are counted by reason (the drifted traffic is unsure).
+    counts = load_window(predlog_url, window=N_DRIFT).rejections()
+    assert counts is not None and counts["low_confidence"] > 10
+    assert counts["no_ink"] == counts["out_of_distribution"] == 0
+    assert (
+        f'<p id="rejections">Not accepted: <b>{counts["low_confidence"]}</b> of {N_DRIFT} ' in text
+    )
 
 
 # --------------------------------------------------------------------------- API

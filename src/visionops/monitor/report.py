@@ -371,6 +371,19 @@ def _atypical_table(
     return "<table>" + head + "".join(rows) + "</table>"
 
 
+def _rejections_line(window: Window) -> str:
+    """How many predictions of the window were not accepted, by reason."""
+    counts = window.rejections()
+    if counts is None:
+        return ""
+    total = sum(counts.values())
+    parts = ", ".join(f"{_e(reason)} {n}" for reason, n in counts.items())
+    return (
+        f'<p id="rejections">Not accepted: <b>{total}</b> of {window.size} predictions '
+        f"({100 * total / max(window.size, 1):.1f} %): {parts}.</p>"
+    )
+
+
 def feedback_section(acc: FeedbackAccuracy | None, reference: ReferenceProfile | None) -> str:
     """The feedback part of the report: realised accuracy over every labelled prediction
     (also shown on /monitoring when the rest of the report cannot be built)."""
@@ -495,6 +508,7 @@ def build_monitoring_html(
         f"threshold; {report.correction} correction over {len(report.tests)} tests, overall "
         f"false alarm rate {report.alpha:g}).</p>",
         f'<ul class="notes">{notes}</ul>' if notes else "",
+        _rejections_line(current),
         "</section>",
         '<section id="tests"><h2>Tests</h2>' + _tests_table(report) + "</section>",
         '<section id="distributions"><h2>Distributions: reference vs current</h2>',

@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine, make_url
 
 from visionops.errors import ConfigError, DataError
 from visionops.monitor.stats import STAT_NAMES
+from visionops.ood import REASONS
 from visionops.serve.predlog import (
     create_predlog_engine,
     decode_embedding,
@@ -41,6 +42,7 @@ OPTIONAL_COLUMNS = (
     "input_shape",
     "accepted",
     "reason",
+    "ood_score",
 )
 
 
@@ -76,6 +78,13 @@ class Window:
     accepted: np.ndarray | None = field(default=None, repr=False)
     #: Why the server rejected each input (None: not rejected); None without the column.
     reasons: list[str | None] | None = field(default=None, repr=False)
+    ood_scores: np.ndarray | None = field(default=None, repr=False)  # float64, NaN: none
+
+    def rejections(self) -> dict[str, int] | None:
+        """Predictions not accepted, by reason; None when the log has no reason column."""
+        if self.reasons is None:
+            return None
+        return {r: sum(1 for x in self.reasons if x == r) for r in REASONS}
 
     @property
     def size(self) -> int:
@@ -97,6 +106,7 @@ class Window:
             "first_id": int(self.ids[0]) if self.size else None,
             "last_id": int(self.ids[-1]) if self.size else None,
             "model_versions": list(self.model_versions),
+            "rejections": self.rejections(),
         }
 
     def slice(self, start: int, stop: int) -> Window:
@@ -116,6 +126,7 @@ class Window:
             thumbnails=None if self.thumbnails is None else self.thumbnails[start:stop],
             accepted=None if self.accepted is None else self.accepted[start:stop],
             reasons=None if self.reasons is None else self.reasons[start:stop],
+            ood_scores=None if self.ood_scores is None else self.ood_scores[start:stop],
         )
 
 
@@ -339,6 +350,11 @@ def load_window(
         reasons=(
             [None if r["reason"] is None else str(r["reason"]) for r in rows]
             if "reason" in optional
+            else None
+        ),
+        ood_scores=(
+            np.asarray([np.nan if r["ood_score"] is None else r["ood_score"] for r in rows])
+            if "ood_score" in optional
             else None
         ),
     )

@@ -30,7 +30,8 @@ from visionops.serve.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
-BatchResult = tuple[np.ndarray, np.ndarray]  # probabilities (N, K), embeddings (N, D)
+# probabilities (N, K), embeddings (N, D), OOD scores (N,) or None (no OOD calibration)
+BatchResult = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 
 
 @dataclass
@@ -88,7 +89,8 @@ class MicroBatcher:
         self._running = False
 
     async def predict(self, model: LoadedModel, x: np.ndarray) -> BatchResult:
-        """Probabilities ``(N, K)`` and embeddings ``(N, D)`` of a normalised ``(N, C, H, W)``.
+        """Probabilities ``(N, K)``, embeddings ``(N, D)`` and OOD scores ``(N,)`` (None when
+        the model has no OOD calibration) of a normalised ``(N, C, H, W)``.
 
         Raises :class:`InferenceError` when the worker is stopped or ONNX Runtime fails.
         """
@@ -152,16 +154,22 @@ class MicroBatcher:
             if self._on_batch is not None:
                 self._on_batch(len(chunk))
             self.batches += 1
-            parts.append(model.run(chunk))
+            # The OOD score is computed for the whole chunk beside the model call.
+            parts.append(model.infer(chunk))
         if len(parts) == 1:
             return parts[0]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        scores = [p[2] for p in parts]
+        return (
+            np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1] for p in parts]),
+            None if any(s is None for s in scores) else np.concatenate(scores),  # type: ignore[arg-type]
+        )
 
     def _run(self, items: list[_Item]) -> None:
         model = items[0].model
         x = items[0].x if len(items) == 1 else np.concatenate([it.x for it in items])
         try:
-            probs, emb = self._score(model, x)
+            probs, emb, ood = self._score(model, x)
         except Exception as exc:
             log.exception("inference failed for a batch of %d", len(x))
             err = InferenceError(f"inference failed: {type(exc).__name__}: {exc}")
@@ -173,5 +181,6 @@ class MicroBatcher:
         for it in items:
             stop = start + len(it.x)
             if not it.future.done():
-                it.future.set_result((probs[start:stop], emb[start:stop]))
+                scores = None if ood is None else ood[start:stop]
+                it.future.set_result((probs[start:stop], emb[start:stop], scores))
             start = stop

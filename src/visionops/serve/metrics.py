@@ -82,6 +82,12 @@ class ServeMetrics:
             ["label", "accepted"],
             registry=r,
         )
+        self.rejections = Counter(
+            "visionops_rejected_predictions",
+            "Predictions not accepted, by reason: no_ink, out_of_distribution, low_confidence.",
+            ["reason"],
+            registry=r,
+        )
         self.confidence = Histogram(
             "visionops_prediction_confidence",
             "Confidence (top-class probability) of served predictions.",
@@ -140,6 +146,11 @@ class ServeMetrics:
         self.model_info.labels(*labels).set(1)
         self._model_labels = labels
         self.model_loaded.set(1)
+
+    def observe_rejections(self, reasons: Sequence[str | None]) -> None:
+        """Count one request's predictions that were not accepted, by reason."""
+        for reason, n in Tally(r for r in reasons if r is not None).items():
+            self.child(self.rejections, reason).inc(n)
 
     def observe_predictions(
         self,

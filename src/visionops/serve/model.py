@@ -20,6 +20,7 @@ import numpy as np
 
 from visionops.data.transforms import PreprocessSpec
 from visionops.errors import ModelError, RegistryError
+from visionops.ood import BANK_FILE, MIN_INK_PIXELS, OodDetector
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +109,30 @@ class LoadedModel:
     digest: str
     session: Any = field(repr=False)
     loaded_at: float = field(default_factory=time.time)
+    #: The calibrated OOD test of ``metadata.json`` (``None``: the export predates it).
+    ood: OodDetector | None = field(default=None, repr=False)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one model input."""
         return (self.spec.channels, self.spec.image_size, self.spec.image_size)
 
+    @property
+    def min_ink_pixels(self) -> int:
+        """Ink pixels an input needs not to be ``no_ink``; 0 (never) for colour models."""
+        if self.ood is not None:
+            return self.ood.min_ink_pixels
+        return MIN_INK_PIXELS if self.spec.channels == 1 else 0
+
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities ``(N, K)`` and embeddings ``(N, D)`` for normalised ``(N, C, H, W)``."""
         probs, emb = self.session.run(list(OUTPUTS), {self.input_name: x})
         return np.asarray(probs, dtype=np.float32), np.asarray(emb, dtype=np.float32)
+
+    def infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`run` plus the OOD score float64 ``(N,)`` of the batch (None: uncalibrated)."""
+        probs, emb = self.run(x)
+        return probs, emb, (self.ood.score(emb) if self.ood is not None else None)
 
 
 def _session(model_bytes: bytes, path: Path, threads: int) -> Any:
@@ -219,8 +234,18 @@ def load_model(source: ResolvedModel, threads: int | None = None) -> LoadedModel
         raise ModelError(f"{onnx_path}: 'embedding' must be (N, D), got {emb.shape}")
     if not np.all(np.isfinite(probs)) or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
         raise ModelError(f"{onnx_path}: 'probabilities' are not a softmax (rows must sum to 1)")
+    ood = None
+    if "ood" in meta:
+        ood = OodDetector.load(folder, meta)
+        if ood.dim != emb.shape[1]:
+            raise ModelError(
+                f"{folder / BANK_FILE}: OOD bank rows have {ood.dim} values, "
+                f"the model's embedding {emb.shape[1]}"
+            )
+    else:
+        log.warning("%s has no 'ood' entry: no out-of-distribution rejection", meta_path)
     log.info("loaded model %s version %s from %s", model.name, model.version, folder)
-    return replace(model, embedding_dim=int(emb.shape[1]))
+    return replace(model, embedding_dim=int(emb.shape[1]), ood=ood)
 
 
 def load_from_uri(uri: str, threads: int | None = None, isolated: bool = False) -> LoadedModel:

@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,6 +69,10 @@ predictions_table = sa.Table(
     sa.Column("stroke_thickness", sa.Float, nullable=True),
     sa.Column("input_pixels", sa.LargeBinary, nullable=True),  # uint8 (H, W, C), ink high
     sa.Column("input_shape", sa.String(32), nullable=True),  # "HxWxC" of input_pixels
+    # Why the prediction was not accepted (visionops.ood.REASONS; NULL: accepted) and the
+    # OOD score (NULL: the model has no OOD calibration).
+    sa.Column("reason", sa.String(32), nullable=True),
+    sa.Column("ood_score", sa.Float, nullable=True),
 )
 
 
@@ -177,6 +181,8 @@ class PredictionBatch:
     pixels: np.ndarray  # (N, H, W, C) uint8
     labels: tuple[str, ...] | None = None  # None: classes[class_index]
     first_index: int = 0  # input_index of the first row
+    reasons: Sequence[str | None] | None = None  # why not accepted (None: accepted)
+    ood_scores: np.ndarray | None = None  # (N,) float; None: no OOD calibration
 
     def __len__(self) -> int:
         return len(self.class_index)
@@ -202,6 +208,8 @@ class PredictionRecord:
     probabilities: dict[str, float]
     embedding: list[float]
     pixels: np.ndarray
+    reason: str | None = None  # None: accepted
+    ood_score: float | None = None
 
     def to_batch(self) -> PredictionBatch:
         return PredictionBatch(
@@ -219,6 +227,8 @@ class PredictionRecord:
             pixels=np.asarray(self.pixels, dtype=np.uint8)[None],
             labels=(self.label,),
             first_index=self.input_index,
+            reasons=(self.reason,),
+            ood_scores=None if self.ood_score is None else np.asarray([self.ood_score]),
         )
 
 
@@ -238,6 +248,8 @@ def batch_rows(
         shape = pixels_shape_text(b.pixels.shape[1:])
         pixels = np.ascontiguousarray(b.pixels, dtype=np.uint8)
         emb = np.ascontiguousarray(b.embeddings, dtype="<f4")
+        reasons = list(b.reasons) if b.reasons is not None else [None] * len(b)
+        scores = b.ood_scores.tolist() if b.ood_scores is not None else [None] * len(b)
         for i in range(len(b)):
             j = at + i
             row: dict[str, Any] = {
@@ -256,6 +268,8 @@ def batch_rows(
                 "input_pixels": pixels[i].tobytes(),
                 "input_shape": shape,
                 "stroke_thickness": None if strokes is None else float(strokes[j]),
+                "reason": reasons[i],
+                "ood_score": scores[i],
             }
             if stats is not None:
                 for name, values in stats.items():
@@ -318,6 +332,38 @@ def create_predlog_engine(url: str) -> Engine:
     return engine
 
 
+def add_missing_columns(engine: Engine) -> frozenset[str]:
+    """Bring a ``predictions`` table written by an older version up to date.
+
+    Columns of :data:`predictions_table` that are nullable and missing are added with
+    ``ALTER TABLE ... ADD COLUMN`` (SQLite and PostgreSQL alike; old rows read NULL).
+    Returns the column names the table has afterwards.
+    """
+
+    def columns() -> set[str]:
+        return {c["name"] for c in sa.inspect(engine).get_columns(predictions_table.name)}
+
+    have = columns()
+    quote = engine.dialect.identifier_preparer.quote
+    added = []
+    for column in predictions_table.columns:
+        if column.name in have or not column.nullable:
+            continue
+        kind = column.type.compile(dialect=engine.dialect)
+        ddl = f"ALTER TABLE {quote(predictions_table.name)} ADD COLUMN {quote(column.name)} {kind}"
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.text(ddl))
+            added.append(column.name)
+        except sa.exc.SQLAlchemyError:
+            # Another server process may have added it a moment ago.
+            if column.name not in columns():
+                raise
+    if added:
+        log.info("prediction log: added column(s) %s to an existing table", added)
+    return frozenset(columns())
+
+
 class PredictionLog:
     """Background, batched writer of :class:`PredictionBatch` rows."""
 
@@ -364,8 +410,9 @@ class PredictionLog:
         self._engine = create_predlog_engine(self.url)
         try:
             metadata.create_all(self._engine)
-            # A table created by an older version may lack newer columns: write only
-            # the columns it has instead of failing every insert.
+            # A table created by an older version gets the newer nullable columns; any
+            # other missing column is left out of the inserts instead of failing them.
+            add_missing_columns(self._engine)
             existing = sa.inspect(self._engine).get_columns(predictions_table.name)
         except sa.exc.SQLAlchemyError as exc:
             self._engine.dispose()

@@ -151,6 +151,7 @@ async def model_info(service: ServiceDep) -> ModelInfo:
         git_sha=str(meta["git_sha"]) if meta.get("git_sha") else None,
         digest=model.digest,
         confidence_threshold=service.settings.serve.confidence_threshold,
+        ood=meta["ood"] if isinstance(meta.get("ood"), dict) else None,
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,7 +39,24 @@ class Prediction(_Schema):
     confidence: float = Field(ge=0.0, le=1.0, description="probability of `label`")
     probabilities: dict[str, float] = Field(description="probability of every class, by name")
     accepted: bool = Field(
-        description="false when confidence is below serve.confidence_threshold (review it)"
+        description="false when the answer should not be trusted; `reason` says why"
+    )
+    reason: Literal["no_ink", "out_of_distribution", "low_confidence"] | None = Field(
+        default=None,
+        description=(
+            "why the prediction is not accepted, null when it is: `no_ink` (no stroke in "
+            "the preprocessed image; decided before the model), `out_of_distribution` "
+            "(the embedding is further from the training images than the threshold "
+            "calibrated at export), `low_confidence` (confidence below "
+            "serve.confidence_threshold)"
+        ),
+    )
+    ood_score: float | None = Field(
+        default=None,
+        description=(
+            "distance of the embedding to its k-th nearest training embedding (higher is "
+            "less like the training data); null when the model has no OOD calibration"
+        ),
     )
 
 
@@ -67,6 +84,13 @@ class ModelInfo(_Schema):
     git_sha: str | None = None
     digest: str = Field(description="sha256 prefix of model.onnx: tells two folders apart")
     confidence_threshold: float
+    ood: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "the out-of-distribution test calibrated at export (method, k, threshold, "
+            "false_rejection_rate, min_ink_pixels, calibration); null when the model has none"
+        ),
+    )
 
 
 class ErrorDetail(_Schema):

@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from visionops.config import ServeParams, load_params, load_settings
 from visionops.data.transforms import normalize
 from visionops.errors import VisionOpsError
+from visionops.ood import PixelScreen, Reason, screen_pixels
 from visionops.serve.batching import MicroBatcher
 from visionops.serve.inputs import ApiError
 from visionops.serve.metrics import ServeMetrics
@@ -77,12 +78,37 @@ def model_ref(model: LoadedModel) -> ModelRef:
     return ModelRef(name=model.name, version=model.version, alias=model.alias)
 
 
+_REASON_CODES: tuple[Reason | None, ...] = (
+    None,
+    "no_ink",
+    "out_of_distribution",
+    "low_confidence",
+)
+
+
+def rejection_reasons(
+    screen: PixelScreen,
+    ood_scores: np.ndarray | None,
+    confidence: np.ndarray,
+    model: LoadedModel,
+    threshold: float,
+) -> list[Reason | None]:
+    """Why each prediction is not accepted, the strongest reason first; None when it is."""
+    far = screen.no_strokes.copy()
+    if ood_scores is not None and model.ood is not None:
+        far |= ood_scores > model.ood.threshold
+    code = np.select([screen.no_ink, far, confidence < threshold], [1, 2, 3], 0)
+    return [_REASON_CODES[c] for c in code.tolist()]
+
+
 def render_predictions(
     model: LoadedModel,
     probs: np.ndarray,
     class_index: np.ndarray,
     confidence: np.ndarray,
     accepted: np.ndarray,
+    reasons: Sequence[str | None] | None = None,
+    ood_scores: np.ndarray | None = None,
 ) -> bytes:
     """The :class:`PredictResponse` JSON of one request, built straight from the arrays.
 
@@ -90,6 +116,7 @@ def render_predictions(
     because this runs once per request on the hot path.
     """
     classes = model.classes
+    n = len(class_index)
     predictions = [
         {
             "label": classes[k],
@@ -97,12 +124,16 @@ def render_predictions(
             "confidence": min(max(c, 0.0), 1.0),
             "probabilities": dict(zip(classes, p, strict=True)),
             "accepted": a,
+            "reason": r,
+            "ood_score": o,
         }
-        for k, c, a, p in zip(
+        for k, c, a, p, r, o in zip(
             class_index.tolist(),
             confidence.tolist(),
             accepted.tolist(),
             probs.tolist(),
+            list(reasons) if reasons is not None else [None] * n,
+            ood_scores.tolist() if ood_scores is not None else [None] * n,
             strict=True,
         )
     ]
@@ -226,12 +257,20 @@ class PredictionService:
         whole request. Raises :class:`InferenceError` when the model fails.
         """
         x = normalize(pixels, model.spec)
-        probs, emb = await self.batcher.predict(model, x)
+        # The pixel tests of visionops.ood, for the whole request before the model runs.
+        min_edge = model.ood.min_edge_density if model.ood is not None else 0.0
+        screen = screen_pixels(pixels, model.min_ink_pixels, min_edge)
+        probs, emb, ood_scores = await self.batcher.predict(model, x)
         class_index = probs.argmax(axis=1)
         confidence = probs[np.arange(len(probs)), class_index]
-        accepted = confidence >= self.settings.serve.confidence_threshold
-        body = render_predictions(model, probs, class_index, confidence, accepted)
+        threshold = self.settings.serve.confidence_threshold
+        reasons = rejection_reasons(screen, ood_scores, confidence, model, threshold)
+        accepted = np.asarray([r is None for r in reasons], dtype=bool)
+        body = render_predictions(
+            model, probs, class_index, confidence, accepted, reasons, ood_scores
+        )
         self.metrics.observe_predictions(model.classes, class_index, confidence, accepted)
+        self.metrics.observe_rejections(reasons)
         if self.predlog is not None:
             self.predlog.submit(
                 PredictionBatch(
@@ -247,6 +286,8 @@ class PredictionService:
                     probabilities=probs,
                     embeddings=emb,
                     pixels=pixels,
+                    reasons=reasons,
+                    ood_scores=ood_scores,
                 )
             )
         return body

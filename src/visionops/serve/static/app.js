@@ -122,11 +122,22 @@
     }
   }
 
+  // Why an answer is not accepted, in words (the API's `reason`).
+  const REASON_TEXT = {
+    no_ink: "I don't see a digit here",
+    out_of_distribution: "This doesn't look like a digit to me",
+    low_confidence: "Not sure: low confidence",
+  };
+
   function render(prediction, requestId) {
     labelEl.textContent = prediction.label;
     confidenceEl.textContent = (100 * prediction.confidence).toFixed(1) + "%";
     confidenceEl.dataset.value = String(prediction.confidence);
     acceptedEl.hidden = prediction.accepted;
+    const reason = prediction.reason || (prediction.accepted ? "" : "low_confidence");
+    acceptedEl.textContent = REASON_TEXT[reason] || "not accepted";
+    acceptedEl.dataset.reason = reason;
+    labelEl.classList.toggle("rejected", !prediction.accepted);
     renderBars(prediction.probabilities, prediction.label);
     seq += 1;
     labelEl.dataset.requestId = requestId || "";
@@ -311,6 +322,8 @@
     labelEl.textContent = "–";
     confidenceEl.textContent = "–";
     acceptedEl.hidden = true;
+    acceptedEl.dataset.reason = "";
+    labelEl.classList.remove("rejected");
     barsEl.replaceChildren();
     answered = null;
     resetFeedback();
