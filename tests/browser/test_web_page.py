@@ -261,6 +261,8 @@ def test_wrong_answer_feedback_is_counted_on_the_monitoring_page(browser: Any, s
     assert realised["labelled"] == labelled_before + 1 and realised["correct"] == 0
     assert verdict["estimated_accuracy"]["n"] == verdict["window"]["size"]
     assert isinstance(verdict["alarm"], bool) and isinstance(verdict["alarm_reasons"], list)
+
+
 @pytest.fixture(scope="module")
 def photo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The tiny model relabelled as a model of natural pictures (metadata kind natural)."""
