@@ -139,7 +139,7 @@ def test_fine_tunes_from_a_checkpoint_exports_with_parity_and_serves(tmp_path: P
     from fastapi.testclient import TestClient
 
     from visionops.config import ServeParams
-    from visionops.export import open_session, predict_probabilities
+    from visionops.artifacts import open_session, predict_probabilities
     from visionops.serve.app import create_app
     from visionops.serve.service import ServeSettings
 
