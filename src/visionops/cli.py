@@ -516,6 +516,14 @@ PredlogOpt = Annotated[
         "--predlog-url", help="database URL (default: VISIONOPS_PREDLOG_URL, else ./predictions.db)"
     ),
 ]
+ConfidenceThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        max=1.0,
+        help="the server's serve.confidence_threshold (default: params.yaml's)",
+    ),
+]
 
 
 @app.command()
@@ -580,14 +588,7 @@ def monitor_check(
         str | None,
         typer.Option(help="POST a JSON alert here on an alarm (default: VISIONOPS_ALERT_WEBHOOK)"),
     ] = None,
-    confidence_threshold: Annotated[
-        float | None,
-        typer.Option(
-            min=0.0,
-            max=1.0,
-            help="the server's serve.confidence_threshold (default: params.yaml's)",
-        ),
-    ] = None,
+    confidence_threshold: ConfidenceThresholdOpt = None,
     json_output: Annotated[bool, typer.Option("--json", help="print the full verdict")] = False,
 ) -> None:
     """Check recent predictions: exit 0 without an alarm (data drift alone is a warning),
@@ -638,14 +639,7 @@ def monitor_report(
         "reports/monitoring.html"
     ),
     history: Annotated[int, typer.Option(help="windows in the drift-over-time plot")] = 12,
-    confidence_threshold: Annotated[
-        float | None,
-        typer.Option(
-            min=0.0,
-            max=1.0,
-            help="the server's serve.confidence_threshold (default: params.yaml's)",
-        ),
-    ] = None,
+    confidence_threshold: ConfidenceThresholdOpt = None,
 ) -> None:
     """Write the self-contained HTML monitoring report (also served at /monitoring)."""
     from visionops.config import load_settings
