@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import shutil
 import subprocess
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import ADMIN_TOKEN, MakeClient, wait_ready
 from fastapi.testclient import TestClient
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from serve_fixtures import build_tiny_model, digit_png, encode, stroke_image, unit_instance
 
@@ -109,6 +112,31 @@ def test_predict_single_file_matches_training_preprocessing(
     assert pred["label"] == str(int(expected.argmax()))
     assert pred["confidence"] == pytest.approx(float(expected.max()), abs=1e-6)
     assert sum(pred["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_return_input_gives_what_the_model_saw(client: TestClient, tiny_model: LoadedModel) -> None:
+    pngs = [digit_png("zero", dark_on_light=True), digit_png("seven")]
+    plain = client.post("/v1/predict", files=files_of(*pngs)).json()["predictions"]
+    assert all("input_png" not in p for p in plain)  # off by default
+    r = client.post("/v1/predict?return_input=true", files=files_of(*pngs))
+    assert r.status_code == 200, r.text
+    shown = r.json()["predictions"]
+    for png, with_input, without in zip(pngs, shown, plain, strict=True):
+        assert with_input["probabilities"] == without["probabilities"]
+        head, data = with_input["input_png"].split(",", 1)
+        assert head == "data:image/png;base64"
+        seen = np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))
+        expected = image_to_array(decode_image(png, max_pixels=10**7), tiny_model.spec)
+        assert seen.dtype == np.uint8 and seen.shape == expected.shape[:2]
+        np.testing.assert_array_equal(seen, expected[..., 0])  # exact: PNG is lossless
+    # The two inputs differ (a preview of the wrong image would not).
+    assert shown[0]["input_png"] != shown[1]["input_png"]
+    bad = client.post("/v1/predict?return_input=maybe", files=files_of(pngs[0]))
+    assert bad.status_code == 422
+    assert bad.json()["error"]["code"] == "invalid_request"
+    assert "return_input" in bad.json()["error"]["message"]
+    off = client.post("/v1/predict?return_input=false", files=files_of(pngs[0])).json()
+    assert "input_png" not in off["predictions"][0]
 
 
 def test_dark_on_light_upload_is_inverted(client: TestClient) -> None:
@@ -387,6 +415,9 @@ def test_openapi_documents_the_contract(client: TestClient) -> None:
     post = spec["paths"]["/v1/predict"]["post"]
     assert set(post["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
     assert {"200", "400", "413", "415", "422"} <= set(post["responses"])
+    (param,) = post["parameters"]
+    assert param["name"] == "return_input" and param["schema"]["type"] == "boolean"
+    assert "input_png" in schemas["Prediction"]["properties"]
     assert "/v1/admin/reload" in spec["paths"] and "/v1/model" in spec["paths"]
 
 

@@ -93,8 +93,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield srv
 
 
-def api_predict(url: str, png: bytes) -> dict[str, Any]:
-    r = httpx.post(f"{url}/v1/predict", files=[("files", ("x.png", png, "image/png"))], timeout=30)
+def api_predict(url: str, png: bytes, return_input: bool = False) -> dict[str, Any]:
+    query = "?return_input=true" if return_input else ""
+    files = [("files", ("x.png", png, "image/png"))]
+    r = httpx.post(f"{url}/v1/predict{query}", files=files, timeout=30)
     assert r.status_code == 200, r.text
     prediction: dict[str, Any] = r.json()["predictions"][0]
     return prediction
@@ -133,6 +135,9 @@ def test_draw_upload_and_read_the_prediction(browser: Any, server: Any) -> None:
     shown_confidence = page.inner_text("#confidence")
     assert page.locator("#bars .bar").count() == 10
     assert page.locator("#bars .bar.top").get_attribute("data-label") == shown_label
+    # What the model saw is shown beside the answer: a PNG of the preprocessed input.
+    assert page.locator("#seen").is_visible()
+    assert (page.get_attribute("#input-preview", "src") or "").startswith("data:image/png;base64,")
 
     # The same drawing sent to the API directly gives the same answer.
     data_url = page.evaluate("document.getElementById('canvas').toDataURL('image/png')")
@@ -167,6 +172,7 @@ def test_draw_upload_and_read_the_prediction(browser: Any, server: Any) -> None:
     # Clear resets the page; Predict on an empty canvas asks for a drawing.
     page.click("#clear")
     assert page.inner_text("#label") == "–"
+    assert not page.locator("#seen").is_visible()
     page.click("#predict")
     assert "draw a digit" in page.inner_text("#status")
 
@@ -303,8 +309,15 @@ def test_photo_model_page_is_upload_first_with_the_top_five(
         "#file", files=[{"name": "photo.png", "mimeType": "image/png", "buffer": upload}]
     )
     wait_for_answer(page, 1)
-    expected = api_predict(photo_server.url, upload)
+    expected = api_predict(photo_server.url, upload, return_input=True)
     assert page.inner_text("#label") == expected["label"]
+    # The preview is exactly the input the API says the model saw, drawn at its size.
+    assert page.locator("#seen").is_visible()
+    assert page.get_attribute("#input-preview", "src") == expected["input_png"]
+    preview = page.locator("#input-preview")
+    assert preview.evaluate("img => img.naturalWidth") == sf.SPEC.image_size
+    box = preview.bounding_box()
+    assert box is not None and box["width"] >= 100  # enlarged to be seen
     bars = page.locator("#bars .bar")
     assert bars.count() == 5
     shown = [float(bars.nth(i).get_attribute("data-probability") or 0) for i in range(5)]

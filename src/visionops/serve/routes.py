@@ -11,7 +11,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from visionops.serve.deps import ServiceDep, require_admin
-from visionops.serve.inputs import FILES_FIELD, model_inputs
+from visionops.serve.inputs import FILES_FIELD, ApiError, model_inputs
 from visionops.serve.schemas import (
     ErrorResponse,
     HealthResponse,
@@ -53,6 +53,18 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 PREDICT_BODY: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "return_input",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "boolean", "default": False},
+            "description": (
+                "also return what the model saw: each prediction carries `input_png`, "
+                "the preprocessed model-size input as a PNG data URL"
+            ),
+        }
+    ],
     "requestBody": {
         "required": True,
         "content": {
@@ -71,7 +83,7 @@ PREDICT_BODY: dict[str, Any] = {
             },
             "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
         },
-    }
+    },
 }
 
 router = APIRouter()
@@ -110,12 +122,29 @@ async def predict(request: Request) -> Response:
     as at training time (inversion of dark-on-light images, MNIST-style centring).
     """
     service: PredictionService = request.app.state.service
+    return_input = _flag(request, "return_input")
     model = service.require_model()  # the same model preprocesses and scores this request
     content_type = request.headers.get("content-type", "")
     body = await request.body()
     pixels = model_inputs(body, content_type, model.spec, service.settings.serve)
-    answer = await service.predict(model, pixels, request.state.request_id)
+    answer = await service.predict(model, pixels, request.state.request_id, return_input)
     return Response(answer, media_type="application/json")
+
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off", ""})
+
+
+def _flag(request: Request, name: str) -> bool:
+    """A boolean query parameter (absent: false); 422 ``invalid_request`` otherwise."""
+    value = request.query_params.get(name)
+    if value is None:
+        return False
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise ApiError(422, "invalid_request", f"query parameter {name}={value!r} is not a boolean")
 
 
 class _PlainRoute(Route):

@@ -58,6 +58,14 @@ class Prediction(_Schema):
             "less like the training data); null when the model has no OOD calibration"
         ),
     )
+    input_png: str | None = Field(
+        default=None,
+        description=(
+            "what the model saw: the preprocessed model-size input as a "
+            "`data:image/png;base64,...` URL (grey or RGB, uint8); present only with "
+            "`?return_input=true`"
+        ),
+    )
 
 
 class PredictResponse(_Schema):

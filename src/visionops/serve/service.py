@@ -8,6 +8,8 @@ the model it started with, so it is preprocessed and scored by the same model.
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from visionops.config import ServeParams, load_params, load_settings
@@ -101,6 +104,22 @@ def rejection_reasons(
     return [_REASON_CODES[c] for c in code.tolist()]
 
 
+def input_data_urls(pixels: np.ndarray) -> list[str]:
+    """The model-size inputs ``(N, H, W, C)`` uint8 as ``data:image/png;base64,`` URLs.
+
+    One grey (C=1) or RGB (C=3) PNG per image: what the model saw, after decoding,
+    inversion, centring, resizing and cropping. Only built when a request asks for it
+    (``return_input=true``); a 32×32 RGB input is about 3 KB of PNG.
+    """
+    urls = []
+    for image in pixels:
+        frame = image[..., 0] if image.shape[-1] == 1 else image
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(frame)).save(buf, format="PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"))
+    return urls
+
+
 def render_predictions(
     model: LoadedModel,
     probs: np.ndarray,
@@ -109,11 +128,13 @@ def render_predictions(
     accepted: np.ndarray,
     reasons: Sequence[str | None] | None = None,
     ood_scores: np.ndarray | None = None,
+    inputs: Sequence[str] | None = None,
 ) -> bytes:
     """The :class:`PredictResponse` JSON of one request, built straight from the arrays.
 
     Same fields as the schema (a test holds them equal); orjson instead of pydantic
-    because this runs once per request on the hot path.
+    because this runs once per request on the hot path. ``inputs`` (from
+    :func:`input_data_urls`) adds ``input_png`` to each prediction.
     """
     classes = model.classes
     n = len(class_index)
@@ -137,6 +158,9 @@ def render_predictions(
             strict=True,
         )
     ]
+    if inputs is not None:
+        for prediction, url in zip(predictions, inputs, strict=True):
+            prediction["input_png"] = url
     ref = {"name": model.name, "version": model.version, "alias": model.alias}
     return orjson.dumps({"model": ref, "predictions": predictions})
 
@@ -250,11 +274,19 @@ class PredictionService:
 
     # ------------------------------------------------------------------ predict
 
-    async def predict(self, model: LoadedModel, pixels: np.ndarray, request_id: str) -> bytes:
+    async def predict(
+        self,
+        model: LoadedModel,
+        pixels: np.ndarray,
+        request_id: str,
+        return_input: bool = False,
+    ) -> bytes:
         """Score model-sized uint8 images ``(N, H, W, C)``; the JSON answer, in input order.
 
         One micro-batched ONNX Runtime call, metrics and one prediction-log entry for the
-        whole request. Raises :class:`InferenceError` when the model fails.
+        whole request. With ``return_input`` each prediction also carries ``input_png``,
+        the model input as a PNG data URL. Raises :class:`InferenceError` when the model
+        fails.
         """
         x = normalize(pixels, model.spec)
         # The pixel tests of visionops.ood, for the whole request before the model runs.
@@ -266,8 +298,9 @@ class PredictionService:
         threshold = self.settings.serve.confidence_threshold
         reasons = rejection_reasons(screen, ood_scores, confidence, model, threshold)
         accepted = np.asarray([r is None for r in reasons], dtype=bool)
+        inputs = input_data_urls(pixels) if return_input else None
         body = render_predictions(
-            model, probs, class_index, confidence, accepted, reasons, ood_scores
+            model, probs, class_index, confidence, accepted, reasons, ood_scores, inputs
         )
         self.metrics.observe_predictions(model.classes, class_index, confidence, accepted)
         self.metrics.observe_rejections(reasons)

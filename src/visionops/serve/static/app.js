@@ -1,7 +1,8 @@
 // visionops web page: draw or upload a digit, POST it to /v1/predict, show the answer.
 // For a model of natural pictures (metadata preprocess.kind == "natural") the page is
 // upload first: file picker (camera on phones), drag and drop, paste; no drawing; the
-// five most probable classes are shown.
+// five most probable classes are shown. Every answer shows what the model saw (the
+// preprocessed input the API returns with ?return_input=true).
 // Plain JavaScript, no dependencies: it is served by the app itself.
 "use strict";
 
@@ -24,6 +25,8 @@
   const dropEl = document.getElementById("drop");
   const hintEl = document.getElementById("hint");
   const clearBtn = document.getElementById("clear");
+  const seenEl = document.getElementById("seen");
+  const previewEl = document.getElementById("input-preview");
 
   let classes = [];
   let natural = false; // a model of photos: upload only, top-5
@@ -139,6 +142,14 @@
     acceptedEl.dataset.reason = reason;
     labelEl.classList.toggle("rejected", !prediction.accepted);
     renderBars(prediction.probabilities, prediction.label);
+    // What the model saw: the preprocessed input the API returned (return_input=true).
+    if (prediction.input_png) {
+      previewEl.src = prediction.input_png;
+      seenEl.hidden = false;
+    } else {
+      previewEl.removeAttribute("src");
+      seenEl.hidden = true;
+    }
     seq += 1;
     labelEl.dataset.requestId = requestId || "";
     labelEl.dataset.seq = String(seq); // lets tests wait for a fresh answer
@@ -226,7 +237,7 @@
     predictBtn.disabled = true;
     setStatus("predicting…");
     try {
-      const res = await fetch("/v1/predict", { method: "POST", body: form });
+      const res = await fetch("/v1/predict?return_input=true", { method: "POST", body: form });
       let body = null;
       try {
         body = await res.json();
@@ -325,6 +336,8 @@
     acceptedEl.dataset.reason = "";
     labelEl.classList.remove("rejected");
     barsEl.replaceChildren();
+    previewEl.removeAttribute("src");
+    seenEl.hidden = true;
     answered = null;
     resetFeedback();
     setStatus("");
