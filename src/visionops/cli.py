@@ -531,7 +531,11 @@ ConfidenceThresholdOpt = Annotated[
 def simulate(
     scenario: Annotated[
         str,
-        typer.Option(help="mnist, foreign-digits, noise, rotation, inverted, blur or label-shift"),
+        typer.Option(
+            help="digit models: mnist, foreign-digits, noise, rotation, inverted, blur, "
+            "label-shift or printed; photo models: photos, photos-dark, photos-blur or "
+            "photos-colour-cast"
+        ),
     ] = "mnist",
     count: Annotated[int, typer.Option("--n", "--count", "-n", help="images to send")] = 200,
     url: Annotated[str, typer.Option(help="the running service")] = "http://127.0.0.1:8000",
@@ -552,6 +556,10 @@ def simulate(
     allow_remote: Annotated[
         bool, typer.Option(help="allow a host other than localhost / 127.0.0.1 / ::1")
     ] = False,
+    photos_dir: Annotated[
+        Path | None,
+        typer.Option(help="image folder the photo scenarios send (default: generated shapes)"),
+    ] = None,
 ) -> None:
     """Send real requests with known drift (or none) to a running service."""
     from visionops.monitor.simulate import simulate as send
@@ -568,6 +576,7 @@ def simulate(
         seed=seed,
         mnist_dir=mnist_dir,
         max_seconds=max_seconds,
+        photos_dir=photos_dir,
     )
     out.print(f"simulated {result.describe()}")
     if result.ok == 0:

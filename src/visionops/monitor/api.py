@@ -234,6 +234,7 @@ def create_monitoring_router(
                 model_version=model_version,
                 max_embeddings=MMD_WINDOW_SIZE,
                 engine=engine_for(url),
+                photos=reference.kind == "natural",
             )
             verdict = assess_window(
                 reference,

@@ -124,6 +124,7 @@ def run_check(
         until,
         model_version=model_version,
         max_embeddings=MMD_WINDOW_SIZE,
+        photos=profile.kind == "natural",
     )
     engine = create_predlog_engine(predlog_url)
     try:

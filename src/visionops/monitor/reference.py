@@ -3,13 +3,16 @@
 Written by the export stage beside ``model.onnx`` (so it travels with the registered
 model) and read by drift detection, the monitoring report and the server:
 
-- ``reference.json`` — per-image statistics (:data:`~visionops.monitor.stats.STAT_NAMES`,
-  a seeded sample of at most ``max_samples`` images, rounded), the predicted-class counts,
-  the confidence values, the validation accuracy when labels are given (and the
-  confidence threshold of the accuracy estimate, ``atc_threshold``, computed on the whole
-  split: :mod:`visionops.monitor.performance`), and which model
-  it belongs to (``model_digest``: the sha256 prefix serving computes for ``model.onnx``;
-  ``model_version``: null at export time, filled in from the registry when served).
+- ``reference.json`` — per-image statistics (:data:`~visionops.monitor.stats.DIGIT_STATS`
+  for digit models, :data:`~visionops.monitor.stats.PHOTO_STATS` (plus
+  :data:`~visionops.monitor.stats.SIZE_STATS` when the original sizes are given) for
+  models of photos, by ``spec.kind``; a seeded sample of at most ``max_samples`` images,
+  rounded), the predicted-class counts, the confidence values, the validation accuracy
+  when labels are given (and the confidence threshold of the accuracy estimate,
+  ``atc_threshold``, computed on the whole split: :mod:`visionops.monitor.performance`),
+  and which model it belongs to (``model_digest``: the sha256 prefix serving computes
+  for ``model.onnx``; ``model_version``: null at export time, filled in from the
+  registry when served).
 - ``reference_embeddings.npy`` — a seeded sample of embeddings, float32 ``(M, D)``,
   written with ``np.save`` and read with ``allow_pickle=False``.
 
@@ -32,7 +35,7 @@ import numpy as np
 
 from visionops.data.transforms import PreprocessSpec, normalize
 from visionops.errors import DataError, ModelError
-from visionops.monitor.stats import image_statistics
+from visionops.monitor.stats import PHOTO_STATS, image_statistics, size_statistics
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,12 @@ class ReferenceProfile:
         """Predicted-class shares on the reference split (sums to 1)."""
         total = float(self.class_counts.sum())
         return self.class_counts / total if total > 0 else self.class_counts.astype(float)
+
+    @property
+    def kind(self) -> str:
+        """``natural`` for a model of photos (its profile holds the photo statistics),
+        else ``digit``: which statistics a window of its traffic is measured by."""
+        return "natural" if any(n in self.stats for n in PHOTO_STATS) else "digit"
 
     @property
     def embedding_dim(self) -> int:
@@ -199,6 +208,7 @@ def build_reference_profile(
     embedding_samples: int = 1000,
     seed: int = 0,
     write: bool = True,
+    original_sizes: np.ndarray | None = None,
 ) -> ReferenceProfile:
     """Run ``export_dir/model.onnx`` over the validation images and profile what it sees.
 
@@ -206,6 +216,10 @@ def build_reference_profile(
     model-sized pixels, as the server computes its statistics from); ``y_val`` their
     labels (optional: only for the recorded accuracy). Classes come from ``classes`` or
     ``export_dir/metadata.json``. With ``write`` the profile is saved beside the model.
+    The statistics follow ``spec.kind`` (:func:`~visionops.monitor.stats.image_statistics`);
+    ``original_sizes`` (``(N, 2)`` width, height in pixels of the pictures before
+    preprocessing, optional) adds the size statistics. Raises :class:`DataError` for
+    images or sizes of the wrong shape, :class:`ModelError` for a model that does not fit.
     """
     export_dir = Path(export_dir)
     onnx_path = export_dir / MODEL_FILE
@@ -218,6 +232,13 @@ def build_reference_profile(
         raise DataError(
             f"reference images must be non-empty uint8 (N, H, W, C), got {x.dtype} {x.shape}"
         )
+    sizes = None
+    if original_sizes is not None:
+        sizes = np.asarray(original_sizes)
+        if sizes.shape != (len(x), 2):
+            raise DataError(
+                f"original_sizes must be (N, 2) = ({len(x)}, 2) width, height, got {sizes.shape}"
+            )
     meta = _read_metadata(export_dir)
     names = tuple(str(c) for c in (classes or meta.get("classes") or ()))
 
@@ -242,10 +263,13 @@ def build_reference_profile(
     n = len(x)
     sample = np.sort(rng.choice(n, size=min(n, max_samples), replace=False))
     emb_sample = np.sort(rng.choice(n, size=min(n, embedding_samples), replace=False))
+    stats = image_statistics(x[sample], spec.kind)
+    if sizes is not None:
+        stats.update(size_statistics(sizes[sample]))
     profile = ReferenceProfile(
         classes=names,
         n_images=n,
-        stats=image_statistics(x[sample]),
+        stats=stats,
         confidence=probs[sample, predicted[sample]].astype(np.float64),
         class_counts=np.bincount(predicted, minlength=len(names)).astype(np.int64),
         embeddings=emb[emb_sample].astype(np.float32),

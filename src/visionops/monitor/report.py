@@ -434,7 +434,11 @@ def build_monitoring_html(
     """The report's HTML, the current window's :class:`MonitoringVerdict` and the number
     of timeline windows. Raises ``InsufficientDataError`` below the minimum of rows."""
     history = load_window(
-        predlog_url, window * max(history_windows, 1), thumbnails=True, engine=engine
+        predlog_url,
+        window * max(history_windows, 1),
+        thumbnails=True,
+        engine=engine,
+        photos=reference.kind == "natural",
     )
     current = history.slice(max(0, history.size - window), history.size)
     if current.size < MIN_WINDOW_ROWS:

@@ -19,6 +19,19 @@ prediction log fills with traffic whose drift is known. Scenarios (all 28×28, i
   (DejaVu Sans/Serif/Mono, STIX, Computer Modern; regular, bold, italic), slightly
   rotated, scaled to a 20-pixel box and centred like MNIST: typed, not handwritten.
 
+For models of photos (colour, metadata ``preprocess.kind`` natural), always sent as PNG
+uploads of the pictures at their own size:
+
+- ``photos`` — pictures of an image folder (``photos_dir``, ImageFolder layout, a seeded
+  sample), or by default the generated shapes of :mod:`visionops.data.shapes`
+  (64×64; in distribution for a model trained on such a folder).
+- ``photos-dark`` — the same pictures at 35–55 % of their brightness (an underexposed
+  camera, dusk).
+- ``photos-blur`` — the same pictures under a Gaussian blur (sigma 2–3.5 pixels of the
+  picture: out of focus, camera shake).
+- ``photos-colour-cast`` — the same pictures with a warm cast (red ×1.3, blue ×0.6: a
+  wrong white balance, tungsten light).
+
 Images go as JSON ``instances`` (the service sees exactly these pixels) or as PNG files
 (``image_format="png"``: the service decodes, centres and possibly inverts them first).
 Only loopback hosts are accepted unless ``allow_remote=True``; count and duration are
@@ -53,7 +66,14 @@ SCENARIOS: tuple[str, ...] = (
     "label-shift",
     "printed",
 )
+#: Scenarios for models of photos: colour pictures, always sent as PNG uploads.
+PHOTO_SCENARIOS: tuple[str, ...] = ("photos", "photos-dark", "photos-blur", "photos-colour-cast")
+ALL_SCENARIOS: tuple[str, ...] = (*SCENARIOS, *PHOTO_SCENARIOS)
+#: Drifted digit traffic (the drift benchmark runs these against MNIST).
 DRIFT_SCENARIOS: tuple[str, ...] = tuple(s for s in SCENARIOS if s != "mnist")
+PHOTO_DRIFT_SCENARIOS: tuple[str, ...] = PHOTO_SCENARIOS[1:]
+#: How many generated shapes pictures the photo scenarios draw from by default.
+DEFAULT_PHOTOS = 300
 ImageFormat = Literal["json", "png"]
 
 DEFAULT_MNIST_DIR = Path("data/raw/mnist")
@@ -73,9 +93,21 @@ class ScenarioImages:
     """The images of a scenario and how they must be sent."""
 
     scenario: str
-    images: np.ndarray  # (n, 28, 28) uint8, ink high
+    #: (n, 28, 28) uint8, ink high; for photo scenarios (n, H, W, 3) RGB uint8, or a list
+    #: of (H, W, 3) arrays when the pictures differ in size.
+    images: np.ndarray | list[np.ndarray]
     labels: np.ndarray | None  # true classes where known
     force_json: bool = False  # inverted: a file would be re-inverted by the service
+    force_png: bool = False  # colour pictures: JSON instances are grey
+    #: Class names of ``labels`` when they are not digits (photo scenarios).
+    class_names: tuple[str, ...] | None = None
+
+    def true_label(self, i: int) -> str | None:
+        """The true class name of image ``i``, None when unknown."""
+        if self.labels is None:
+            return None
+        k = int(self.labels[i])
+        return self.class_names[k] if self.class_names is not None else str(k)
 
 
 def _find(folder: Path, stem: str) -> Path:
@@ -164,6 +196,67 @@ def printed_digits(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     return out, labels.astype(np.int64)
 
 
+def load_photos(
+    n: int, rng: np.random.Generator, photos_dir: Path | None = None
+) -> tuple[list[np.ndarray], np.ndarray, tuple[str, ...]]:
+    """``n`` RGB pictures ``(H, W, 3)`` uint8 with their labels and class names.
+
+    From ``photos_dir`` (an ImageFolder: :func:`visionops.data.sources.list_imagefolder`,
+    a seeded sample with replacement when it has fewer than ``n``), else ``n`` freshly
+    drawn shapes of :mod:`visionops.data.shapes` (64×64). Raises :class:`DataError`
+    for a folder that is missing, empty or unreadable.
+    """
+    from PIL import Image
+
+    if photos_dir is None:
+        from visionops.data.shapes import CLASSES, draw_shape
+
+        labels = rng.integers(0, len(CLASSES), n)
+        pictures = [np.asarray(draw_shape(CLASSES[k], 64, rng), np.uint8) for k in labels]
+        return pictures, labels.astype(np.int64), CLASSES
+    from visionops.data.sources import list_imagefolder
+
+    listing = list_imagefolder(Path(photos_dir))
+    if not listing.entries:
+        raise DataError(f"{photos_dir}: no pictures")
+    idx = _sample(len(listing.entries), n, rng)
+    pictures, found = [], []
+    for i in idx:
+        path, label, _ = listing.entries[int(i)]
+        try:
+            with Image.open(path) as img:
+                pictures.append(np.asarray(img.convert("RGB"), np.uint8))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: cannot read the picture ({exc})") from None
+        found.append(label)
+    return pictures, np.asarray(found, np.int64), tuple(listing.classes)
+
+
+def photo_scenario(
+    scenario: str, pictures: list[np.ndarray], rng: np.random.Generator
+) -> list[np.ndarray]:
+    """``pictures`` (RGB uint8 ``(H, W, 3)``) changed as ``scenario`` says (module
+    docstring); ``photos`` returns them unchanged."""
+    from scipy import ndimage
+
+    if scenario == "photos":
+        return pictures
+    out = []
+    for img in pictures:
+        f = img.astype(np.float32)
+        if scenario == "photos-dark":
+            f = f * rng.uniform(0.35, 0.55)
+        elif scenario == "photos-blur":
+            sigma = float(rng.uniform(2.0, 3.5))
+            f = ndimage.gaussian_filter(f, (sigma, sigma, 0.0))
+        elif scenario == "photos-colour-cast":
+            f = f * np.array([1.3, 1.0, 0.6], np.float32)
+        else:
+            raise ConfigError(f"unknown photo scenario {scenario!r}")
+        out.append(np.clip(np.rint(f), 0, 255).astype(np.uint8))
+    return out
+
+
 def scenario_images(
     scenario: str,
     n: int,
@@ -172,17 +265,28 @@ def scenario_images(
     mnist: tuple[np.ndarray, np.ndarray] | None = None,
     mnist_dir: Path | None = None,
     classes: tuple[int, ...] = (1, 7),
+    photos_dir: Path | None = None,
 ) -> ScenarioImages:
     """``n`` images of ``scenario`` (see the module docstring), deterministic in ``seed``.
 
     ``mnist`` passes already loaded MNIST test images and labels (else they are read
-    from ``mnist_dir``, default ``data/raw/mnist``).
+    from ``mnist_dir``, default ``data/raw/mnist``); ``photos_dir`` is the image folder
+    of the photo scenarios (default: generated shapes).
     """
-    if scenario not in SCENARIOS:
-        raise ConfigError(f"unknown scenario {scenario!r}; choose from {', '.join(SCENARIOS)}")
+    if scenario not in ALL_SCENARIOS:
+        raise ConfigError(f"unknown scenario {scenario!r}; choose from {', '.join(ALL_SCENARIOS)}")
     if n < 1:
         raise ConfigError(f"the number of images must be positive (got {n})")
     rng = np.random.default_rng(seed)
+
+    if scenario in PHOTO_SCENARIOS:
+        # The same seed gives the same pictures in every photo scenario: only the change
+        # differs between them.
+        pictures, labels, names = load_photos(n, rng, photos_dir)
+        changed = photo_scenario(scenario, pictures, np.random.default_rng(seed + 1))
+        same = len({p.shape for p in changed}) == 1
+        images: np.ndarray | list[np.ndarray] = np.stack(changed) if same else changed
+        return ScenarioImages(scenario, images, labels, force_png=True, class_names=names)
 
     if scenario == "noise":
         return ScenarioImages(scenario, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), None)
@@ -262,10 +366,11 @@ def check_target(url: str, allow_remote: bool = False) -> str:
 
 
 def _png(img: np.ndarray) -> bytes:
+    """A grey ``(H, W)`` or RGB ``(H, W, 3)`` uint8 image as PNG bytes."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(img, mode="L").save(buf, format="PNG")
+    Image.fromarray(np.ascontiguousarray(img)).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -329,13 +434,15 @@ def simulate(
     classes: tuple[int, ...] = (1, 7),
     max_seconds: float = 300.0,
     client: Any = None,
+    photos_dir: Path | None = None,
 ) -> SimulationResult:
     """Send ``n`` images of ``scenario`` to ``url``'s ``POST /v1/predict``.
 
     ``batch`` images per request, at most ``rate`` requests per second (None: as fast as
     the service answers), each request waiting at most ``timeout`` seconds; sending stops
     after ``max_seconds`` or after repeated failures. ``client`` may be an
-    ``httpx.Client`` (tests); one is created otherwise.
+    ``httpx.Client`` (tests); one is created otherwise. ``photos_dir``: the image
+    folder of the photo scenarios (default: generated shapes).
     """
     import httpx
 
@@ -348,8 +455,10 @@ def simulate(
     if image_format not in ("json", "png"):
         raise ConfigError(f"image_format must be json or png (got {image_format!r})")
     target = check_target(url, allow_remote)
-    data = scenario_images(scenario, n, seed=seed, mnist_dir=mnist_dir, classes=classes)
-    fmt: str = "json" if data.force_json else image_format
+    data = scenario_images(
+        scenario, n, seed=seed, mnist_dir=mnist_dir, classes=classes, photos_dir=photos_dir
+    )
+    fmt: str = "json" if data.force_json else "png" if data.force_png else image_format
     if data.force_json and image_format != "json":
         log.info("%s is sent as JSON instances: an uploaded file would be re-inverted", scenario)
 
@@ -373,10 +482,10 @@ def simulate(
                 if wait > 0:
                     time.sleep(min(wait, max(0.0, max_seconds - elapsed)))
             chunk = data.images[start : start + batch]
-            truth = None if data.labels is None else data.labels[start : start + batch]
             try:
                 if fmt == "json":
-                    body = {"instances": (chunk.astype(np.float32) / 255.0).round(4).tolist()}
+                    grey = np.asarray(chunk, dtype=np.float32)
+                    body = {"instances": (grey / 255.0).round(4).tolist()}
                     response = http.post(target, json=body, timeout=timeout)
                 else:
                     files = [
@@ -421,7 +530,7 @@ def simulate(
             for j, pred in enumerate(predictions):
                 label = str(pred.get("label"))
                 labels[label] += 1
-                if truth is not None and label == str(int(truth[j])):
+                if label == data.true_label(start + j):
                     correct += 1
     finally:
         if own_client:

@@ -1,5 +1,9 @@
 """Per-image statistics the monitor compares between the reference and served traffic.
 
+Digit models are watched through ink statistics (:data:`DIGIT_STATS`), models of photos
+through :data:`PHOTO_STATS` (brightness, contrast, colourfulness, sharpness) and the
+uploaded size (:data:`SIZE_STATS`).
+
 The six statistics the prediction log already stores are those of
 :func:`visionops.serve.predlog.input_statistics` (the server's definition;
 :func:`logged_statistics` computes them for a whole batch and is tested equal to it).
@@ -30,8 +34,17 @@ LOGGED_STATS: tuple[str, ...] = (
     "center_x",
     "center_y",
 )
-#: Everything the reference profile records per image.
-STAT_NAMES: tuple[str, ...] = (*LOGGED_STATS, "stroke_thickness")
+#: Everything the reference profile records per image of a digit model.
+DIGIT_STATS: tuple[str, ...] = (*LOGGED_STATS, "stroke_thickness")
+#: What the reference profile records per image of a model of photos (metadata
+#: ``preprocess.kind`` natural), computed from the model input by :func:`photo_statistics`.
+PHOTO_STATS: tuple[str, ...] = ("brightness", "contrast", "colourfulness", "sharpness")
+#: The size of the picture as uploaded (before resizing): logged by the server, recorded
+#: in the reference when the original sizes are known (:func:`size_statistics`).
+SIZE_STATS: tuple[str, ...] = ("original_width", "original_height", "original_aspect")
+#: Every per-image statistic any profile or window may hold.
+STAT_NAMES: tuple[str, ...] = DIGIT_STATS
+ALL_STATS: tuple[str, ...] = (*DIGIT_STATS, *PHOTO_STATS, *SIZE_STATS)
 
 STAT_DESCRIPTIONS: dict[str, str] = {
     "mean_intensity": "mean pixel intensity (0 = black, 1 = full ink)",
@@ -41,6 +54,13 @@ STAT_DESCRIPTIONS: dict[str, str] = {
     "center_x": "horizontal centre of mass (0 = left, 1 = right)",
     "center_y": "vertical centre of mass (0 = top, 1 = bottom)",
     "stroke_thickness": "estimated stroke thickness (pixels)",
+    "brightness": "mean luma (0 = black, 1 = white)",
+    "contrast": "RMS contrast: standard deviation of luma (0 to 0.5)",
+    "colourfulness": "Hasler-Süsstrunk colourfulness (0 = grey; 0 to about 0.7)",
+    "sharpness": "variance of the Laplacian of luma (low = blurred)",
+    "original_width": "width of the uploaded picture (pixels)",
+    "original_height": "height of the uploaded picture (pixels)",
+    "original_aspect": "width / height of the uploaded picture",
     "confidence": "top-class probability",
 }
 
@@ -124,12 +144,85 @@ def logged_statistics(x: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def image_statistics(x: np.ndarray) -> dict[str, np.ndarray]:
-    """Every statistic of :data:`STAT_NAMES` for a batch of uint8 images, as float64 arrays.
+#: ITU-R BT.601 luma weights of R, G and B (what Pillow's ``convert("L")`` uses).
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
-    ``x`` is ``(N, H, W)`` or ``(N, H, W, C)`` uint8 with ink high: the model-sized image
-    the server computes its logged statistics from.
+
+def photo_statistics(x: np.ndarray) -> dict[str, np.ndarray]:
+    """:data:`PHOTO_STATS` of every image of a batch at once, as float64 ``(N,)`` arrays.
+
+    ``x`` is uint8 ``(N, H, W, C)`` (C = 1 or 3), ``(N, H, W)`` or ``(H, W)``: the
+    model-size input. Values are on the 0–1 intensity scale:
+
+    - ``brightness``: mean luma (BT.601 weights, :data:`LUMA_WEIGHTS`);
+    - ``contrast``: RMS contrast, the standard deviation of luma;
+    - ``colourfulness``: Hasler & Süsstrunk (2003), "Measuring colourfulness in natural
+      images": ``sqrt(sd(rg)² + sd(yb)²) + 0.3 * sqrt(mean(rg)² + mean(yb)²)`` with
+      ``rg = R - G`` and ``yb = (R + G) / 2 - B``; 0 for grey images;
+    - ``sharpness``: variance of the Laplacian of luma (Pech-Pacheco et al. 2000), the
+      usual blur measure: blurring lowers it. ``scipy.ndimage.laplace``, per image
+      (reflected borders).
     """
+    from scipy import ndimage
+
+    a = np.asarray(x)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim == 3:
+        a = a[..., None]
+    if a.ndim != 4 or a.shape[3] not in (1, 3):
+        raise ValueError(f"expected images (N, H, W[, 1 or 3]), got shape {np.shape(x)}")
+    f = a.astype(np.float32) / 255.0
+    colour: np.ndarray
+    luma: np.ndarray
+    if f.shape[3] == 3:
+        luma = f @ LUMA_WEIGHTS
+        r, g, b = f[..., 0], f[..., 1], f[..., 2]
+        rg = r - g
+        yb = 0.5 * (r + g) - b
+        colour = np.sqrt(rg.var(axis=(1, 2)) + yb.var(axis=(1, 2))) + 0.3 * np.sqrt(
+            rg.mean(axis=(1, 2)) ** 2 + yb.mean(axis=(1, 2)) ** 2
+        )
+    else:
+        luma = f[..., 0]
+        colour = np.zeros(len(f), np.float32)
+    # A 3-D Laplacian would mix neighbouring images: one 2-D kernel, size 1 along N.
+    kernel = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=np.float32)[None]
+    lap = ndimage.correlate(luma, kernel, mode="reflect")
+    return {
+        "brightness": luma.mean(axis=(1, 2), dtype=np.float64),
+        "contrast": luma.std(axis=(1, 2), dtype=np.float64),
+        "colourfulness": colour.astype(np.float64),
+        "sharpness": lap.var(axis=(1, 2), dtype=np.float64),
+    }
+
+
+def size_statistics(sizes: np.ndarray) -> dict[str, np.ndarray]:
+    """:data:`SIZE_STATS` from the uploaded pictures' sizes, ``(N, 2)`` (width, height) in
+    pixels, as float64 ``(N,)`` arrays. Raises ``ValueError`` for another shape or a
+    size below 1."""
+    s = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
+    if (s < 1).any():
+        raise ValueError("picture sizes must be at least 1 pixel")
+    return {
+        "original_width": s[:, 0],
+        "original_height": s[:, 1],
+        "original_aspect": s[:, 0] / s[:, 1],
+    }
+
+
+def image_statistics(x: np.ndarray, kind: str = "digit") -> dict[str, np.ndarray]:
+    """The statistics a reference profile records for a batch of model-size uint8 images.
+
+    ``kind`` is the model's ``preprocess.kind``: ``digit`` gives :data:`DIGIT_STATS`
+    (ink, bounding box, centre of mass, stroke thickness), ``natural`` gives
+    :data:`PHOTO_STATS`. ``x`` is ``(N, H, W)`` or ``(N, H, W, C)`` uint8 (ink high for
+    digits). Raises ``ValueError`` for another kind.
+    """
+    if kind == "natural":
+        return photo_statistics(x)
+    if kind != "digit":
+        raise ValueError(f"unknown model kind {kind!r} (digit or natural)")
     out = logged_statistics(x)
     out["stroke_thickness"] = stroke_thickness(x)
     return out

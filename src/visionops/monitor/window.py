@@ -9,6 +9,7 @@ and PostgreSQL work alike. Optional columns (``stroke_thickness``, the model inp
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
 from visionops.errors import ConfigError, DataError
-from visionops.monitor.stats import STAT_NAMES
+from visionops.monitor.stats import SIZE_STATS, STAT_NAMES
 from visionops.ood import REASONS
 from visionops.serve.predlog import (
     create_predlog_engine,
@@ -37,6 +38,8 @@ MIN_WINDOW_ROWS = 30
 MAX_WINDOW_ROWS = 200_000
 OPTIONAL_COLUMNS = (
     "stroke_thickness",
+    "original_width",
+    "original_height",
     "thumbnail",
     "input_pixels",
     "input_shape",
@@ -181,6 +184,24 @@ def _strokes_from_pixels(rows: Any) -> np.ndarray | None:
     """
     from visionops.monitor.stats import stroke_thickness
 
+    out = _from_pixels(rows, lambda pixels: {"stroke_thickness": stroke_thickness(pixels)})
+    return None if out is None else out["stroke_thickness"]
+
+
+def _photo_stats_from_pixels(rows: Any) -> dict[str, np.ndarray] | None:
+    """:data:`~visionops.monitor.stats.PHOTO_STATS` of every row that logged its model
+    input (NaN for the others), computed here like the stroke thickness; None when no
+    row has its input."""
+    from visionops.monitor.stats import photo_statistics
+
+    return _from_pixels(rows, photo_statistics)
+
+
+def _from_pixels(
+    rows: Any, compute: Callable[[np.ndarray], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray] | None:
+    """``compute`` over the logged model inputs, one vectorised call per input shape;
+    NaN for rows without an input. None when no row has its input."""
     if not rows or "input_pixels" not in rows[0]:
         return None
     by_shape: dict[str, list[int]] = {}
@@ -189,7 +210,7 @@ def _strokes_from_pixels(rows: Any) -> np.ndarray | None:
             by_shape.setdefault(r["input_shape"], []).append(i)
     if not by_shape:
         return None
-    out = np.full(len(rows), np.nan)
+    out: dict[str, np.ndarray] = {}
     for shape, idx in by_shape.items():
         try:
             decoded = [decode_pixels(rows[i]["input_pixels"], shape) for i in idx]
@@ -197,8 +218,23 @@ def _strokes_from_pixels(rows: Any) -> np.ndarray | None:
         except (ValueError, DataError):
             log.warning("%d logged input(s) do not match their shape %s", len(idx), shape)
             continue
-        out[idx] = stroke_thickness(pixels)
-    return out
+        for name, values in compute(pixels).items():
+            out.setdefault(name, np.full(len(rows), np.nan))[idx] = values
+    return out or None
+
+
+def _sizes(rows: list[Any]) -> dict[str, np.ndarray]:
+    """:data:`~visionops.monitor.stats.SIZE_STATS` from the logged ``original_width`` and
+    ``original_height`` (NaN where a row has none); empty without the columns."""
+    if not rows or "original_width" not in rows[0]:
+        return {}
+    w = np.asarray([np.nan if r["original_width"] is None else r["original_width"] for r in rows])
+    h = np.asarray([np.nan if r["original_height"] is None else r["original_height"] for r in rows])
+    if np.isnan(w).all():
+        return {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        aspect = np.where(h > 0, w / np.where(h > 0, h, 1.0), np.nan)
+    return dict(zip(SIZE_STATS, (w, h, aspect), strict=True))
 
 
 def _thumbnails(rows: list[Any]) -> list[str | None]:
@@ -238,6 +274,7 @@ def load_window(
     max_embeddings: int | None = None,
     thumbnails: bool = False,
     engine: Engine | None = None,
+    photos: bool = False,
 ) -> Window:
     """The last ``window`` predictions, or those logged in ``[since, until)``, oldest first.
 
@@ -246,7 +283,9 @@ def load_window(
     (None: all; decoding is most of the cost of a large window); ``thumbnails`` also
     reads the thumbnail column. Raises :class:`InsufficientDataError` below ``min_rows``
     rows, :class:`DataError` when the log cannot be read. ``engine`` reuses an open
-    engine (the server's) instead of creating one for ``predlog_url``.
+    engine (the server's) instead of creating one for ``predlog_url``. ``photos`` (a
+    model of photos: metadata ``preprocess.kind`` natural) computes the photo statistics
+    and reads the uploaded sizes instead of the digit-only stroke thickness.
     """
     if window is not None and not 1 <= window <= MAX_WINDOW_ROWS:
         raise ConfigError(f"window must be between 1 and {MAX_WINDOW_ROWS} rows (got {window})")
@@ -322,10 +361,14 @@ def load_window(
         for name in STAT_NAMES
         if name in rows[0] and any(r[name] is not None for r in rows)
     }
-    strokes = _strokes_from_pixels(rows)
-    if strokes is not None:
-        logged = stats.get("stroke_thickness", np.full(len(rows), np.nan))
-        stats["stroke_thickness"] = np.where(np.isnan(logged), strokes, logged)
+    if photos:
+        stats.update(_photo_stats_from_pixels(rows) or {})
+        stats.update(_sizes(rows))
+    else:
+        strokes = _strokes_from_pixels(rows)
+        if strokes is not None:
+            logged = stats.get("stroke_thickness", np.full(len(rows), np.nan))
+            stats["stroke_thickness"] = np.where(np.isnan(logged), strokes, logged)
     first = 0 if max_embeddings is None else max(0, len(rows) - max_embeddings)
     embeddings, emb_rows = _decode_embeddings([r["embedding"] for r in rows[first:]])
     emb_rows += first

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -225,6 +225,13 @@ def parse_instances(body: bytes, limits: ServeParams) -> list[np.ndarray]:
 
 def prepare_file(image: RawImage, index: int, spec: PreprocessSpec, max_pixels: int) -> np.ndarray:
     """Decode one upload and preprocess it exactly as training did: uint8 ``(H, W, C)``."""
+    return prepare_upload(image, index, spec, max_pixels)[0]
+
+
+def prepare_upload(
+    image: RawImage, index: int, spec: PreprocessSpec, max_pixels: int
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`prepare_file` and the upload's own (width, height) in pixels."""
     where = f"{FILES_FIELD}[{index}] ({image.filename})"
     fmt = unsupported_format(image.data)
     if fmt is not None:
@@ -235,7 +242,7 @@ def prepare_file(image: RawImage, index: int, spec: PreprocessSpec, max_pixels: 
         )
     try:
         img = decode_image(image.data, max_pixels=max_pixels)
-        return image_to_array(img, spec)
+        return image_to_array(img, spec), img.size
     except DataError as exc:
         reason = getattr(exc, "reason", str(exc))
         code = (
@@ -262,10 +269,18 @@ def prepare_instance(x: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return image_to_array(img, dataclasses.replace(spec, invert="never"))
 
 
+class ModelInputs(NamedTuple):
+    """What a request asks about: the model inputs and the pictures' own sizes."""
+
+    pixels: np.ndarray  # (N, H, W, C) uint8, model size
+    sizes: np.ndarray  # (N, 2) int64 width, height of each picture before preprocessing
+
+
 def model_inputs(
     body: bytes, content_type: str, spec: PreprocessSpec, limits: ServeParams
-) -> np.ndarray:
-    """A request body as the model-sized uint8 batch ``(N, H, W, C)`` it asks about.
+) -> ModelInputs:
+    """A request body as the model-sized uint8 batch ``(N, H, W, C)`` it asks about, with
+    the (width, height) of each upload or JSON instance.
 
     Multipart ``files`` or JSON ``instances``; everything a client can get wrong is an
     :class:`ApiError` (415 for another content type).
@@ -273,11 +288,15 @@ def model_inputs(
     media = content_type.split(";")[0].strip().lower()
     if media == "multipart/form-data":
         files = read_multipart(body, content_type, limits)
-        pixels = [prepare_file(f, i, spec, limits.max_pixels) for i, f in enumerate(files)]
+        prepared = [prepare_upload(f, i, spec, limits.max_pixels) for i, f in enumerate(files)]
+        pixels = [p for p, _ in prepared]
+        sizes = [size for _, size in prepared]
     elif media == "application/json" or (
         media.startswith("application/") and media.endswith("+json")
     ):
-        pixels = [prepare_instance(a, spec) for a in parse_instances(body, limits)]
+        arrays = parse_instances(body, limits)
+        pixels = [prepare_instance(a, spec) for a in arrays]
+        sizes = [(a.shape[1], a.shape[0]) for a in arrays]
     else:
         raise ApiError(
             415,
@@ -285,4 +304,5 @@ def model_inputs(
             f"content type {media or '(none)'!r} is not accepted; send multipart/form-data "
             f"with field '{FILES_FIELD}' or application/json with 'instances'",
         )
-    return pixels[0][None] if len(pixels) == 1 else np.stack(pixels)
+    batch = pixels[0][None] if len(pixels) == 1 else np.stack(pixels)
+    return ModelInputs(batch, np.asarray(sizes, dtype=np.int64).reshape(-1, 2))

@@ -73,6 +73,10 @@ predictions_table = sa.Table(
     # OOD score (NULL: the model has no OOD calibration).
     sa.Column("reason", sa.String(32), nullable=True),
     sa.Column("ood_score", sa.Float, nullable=True),
+    # The uploaded picture's size before preprocessing (pixels; NULL: not an upload or
+    # logged by an older server): the monitor's original_width/height/aspect.
+    sa.Column("original_width", sa.Integer, nullable=True),
+    sa.Column("original_height", sa.Integer, nullable=True),
 )
 
 
@@ -183,6 +187,7 @@ class PredictionBatch:
     first_index: int = 0  # input_index of the first row
     reasons: Sequence[str | None] | None = None  # why not accepted (None: accepted)
     ood_scores: np.ndarray | None = None  # (N,) float; None: no OOD calibration
+    original_sizes: np.ndarray | None = None  # (N, 2) int width, height; None: unknown
 
     def __len__(self) -> int:
         return len(self.class_index)
@@ -210,6 +215,7 @@ class PredictionRecord:
     pixels: np.ndarray
     reason: str | None = None  # None: accepted
     ood_score: float | None = None
+    original_size: tuple[int, int] | None = None  # width, height of the upload (pixels)
 
     def to_batch(self) -> PredictionBatch:
         return PredictionBatch(
@@ -229,6 +235,9 @@ class PredictionRecord:
             first_index=self.input_index,
             reasons=(self.reason,),
             ood_scores=None if self.ood_score is None else np.asarray([self.ood_score]),
+            original_sizes=None
+            if self.original_size is None
+            else np.asarray([self.original_size], dtype=np.int64),
         )
 
 
@@ -250,6 +259,9 @@ def batch_rows(
         emb = np.ascontiguousarray(b.embeddings, dtype="<f4")
         reasons = list(b.reasons) if b.reasons is not None else [None] * len(b)
         scores = b.ood_scores.tolist() if b.ood_scores is not None else [None] * len(b)
+        sizes = (
+            b.original_sizes.tolist() if b.original_sizes is not None else [(None, None)] * len(b)
+        )
         for i in range(len(b)):
             j = at + i
             row: dict[str, Any] = {
@@ -270,6 +282,8 @@ def batch_rows(
                 "stroke_thickness": None if strokes is None else float(strokes[j]),
                 "reason": reasons[i],
                 "ood_score": scores[i],
+                "original_width": sizes[i][0],
+                "original_height": sizes[i][1],
             }
             if stats is not None:
                 for name, values in stats.items():

@@ -126,8 +126,10 @@ async def predict(request: Request) -> Response:
     model = service.require_model()  # the same model preprocesses and scores this request
     content_type = request.headers.get("content-type", "")
     body = await request.body()
-    pixels = model_inputs(body, content_type, model.spec, service.settings.serve)
-    answer = await service.predict(model, pixels, request.state.request_id, return_input)
+    pixels, sizes = model_inputs(body, content_type, model.spec, service.settings.serve)
+    answer = await service.predict(
+        model, pixels, request.state.request_id, return_input, original_sizes=sizes
+    )
     return Response(answer, media_type="application/json")
 
 

@@ -280,13 +280,15 @@ class PredictionService:
         pixels: np.ndarray,
         request_id: str,
         return_input: bool = False,
+        original_sizes: np.ndarray | None = None,
     ) -> bytes:
         """Score model-sized uint8 images ``(N, H, W, C)``; the JSON answer, in input order.
 
         One micro-batched ONNX Runtime call, metrics and one prediction-log entry for the
         whole request. With ``return_input`` each prediction also carries ``input_png``,
-        the model input as a PNG data URL. Raises :class:`InferenceError` when the model
-        fails.
+        the model input as a PNG data URL. ``original_sizes`` (``(N, 2)`` width, height
+        of the pictures before preprocessing) is logged for the monitor. Raises
+        :class:`InferenceError` when the model fails.
         """
         x = normalize(pixels, model.spec)
         # The pixel tests of visionops.ood, for the whole request before the model runs.
@@ -321,6 +323,7 @@ class PredictionService:
                     pixels=pixels,
                     reasons=reasons,
                     ood_scores=ood_scores,
+                    original_sizes=original_sizes,
                 )
             )
         return body
