@@ -225,6 +225,21 @@ def check_parity(onnx_path: Path, module: nn.Module, x: np.ndarray, atol: float)
     return diff
 
 
+def _split_sizes(path: Path, n: int) -> np.ndarray | None:
+    """A prepared split's ``size`` (int64 ``(N, 2)`` width, height of each picture before
+    preprocessing; image folders only), None for a split without it (MNIST, CIFAR-10).
+    Raises :class:`DataError` for one that does not match the split's ``n`` images."""
+    from visionops.data.ingest import read_npz
+
+    with np.load(path, allow_pickle=False) as npz:
+        if "size" not in npz.files:
+            return None
+    sizes = read_npz(path, ("size",))["size"]
+    if sizes.shape != (n, 2):
+        raise DataError(f"{path}: 'size' is {sizes.shape}, expected ({n}, 2); rerun prepare")
+    return sizes
+
+
 def run_export(params: Params, layout: Layout) -> ExportResult:
     """Export the best model of ``layout.comparison_json`` to ``layout.export_dir``."""
     import torch
@@ -311,7 +326,13 @@ def run_export(params: Params, layout: Layout) -> ExportResult:
         from visionops.monitor.reference import build_reference_profile
 
         reference = build_reference_profile(
-            staging, x_val, spec, y_val, classes=[str(c) for c in classes], seed=params.seed
+            staging,
+            x_val,
+            spec,
+            y_val,
+            classes=[str(c) for c in classes],
+            seed=params.seed,
+            original_sizes=_split_sizes(layout.split_npz("val"), len(x_val)),
         )
         log.info("reference profile: %s", reference.describe())
         detector = calibrate_ood(staging, layout, spec, x_val, params)

@@ -217,3 +217,27 @@ def test_grey_photos_without_a_plain_background_are_natural(tmp_path: Path) -> N
     assert not profile.colour and profile.plain_background_share == 0.0
     assert decide_kind(profile) == "natural"
     assert (profile.median_width, profile.median_height) == (48, 48)
+
+
+def test_picture_sizes_travel_from_ingest_to_the_prepared_splits(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    root = tmp_path / "photos"
+    expected: dict[str, tuple[int, int]] = {}
+    for c, cls in enumerate(("sky", "sea")):
+        (root / cls).mkdir(parents=True)
+        for i in range(8):
+            w, h = 40 + 3 * i + c, 30 + 2 * i  # every picture a size of its own
+            a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(a, "RGB").save(root / cls / f"{i}.png")
+            expected[f"{cls}/{i}.png"] = (w, h)
+    params = _params(root, "data.val_fraction=0.25", "data.test_fraction=0.25")
+    layout = Layout.at(tmp_path / "work")
+    run_ingest(params, layout)
+    run_prepare(params, layout)
+    meta = json.loads(layout.dataset_json.read_text())
+    for split, files in (("val", meta["train_files"]), ("test", meta["test_files"])):
+        arrays = np.load(layout.split_npz(split))
+        assert len(arrays["x"]) > 0
+        assert arrays["size"].dtype == np.int64 and arrays["size"].shape == (len(arrays["x"]), 2)
+        got = [tuple(int(v) for v in s) for s in arrays["size"]]
+        assert got == [expected[files[i]] for i in arrays["index"]]

@@ -2,7 +2,9 @@
 
 Writes ``layout.dataset_npz`` (``x_train``, ``y_train``, ``x_test``, ``y_test``: uint8 NHWC
 and int64; ``x_extra``, ``y_extra``: the images of ``data.extra_path``, for the training
-split only — :mod:`visionops.data.extra`) and ``layout.dataset_json`` (classes,
+split only — :mod:`visionops.data.extra`; for an image folder also ``size_train``,
+``size_test``: int64 ``(N, 2)`` width, height of each picture before preprocessing) and
+``layout.dataset_json`` (classes,
 geometry, file names, unreadable files, checksums). Ingest keeps the whole source;
 ``data.limit`` and ``data.test_limit`` are applied by prepare.
 
@@ -33,6 +35,8 @@ from visionops.stages import missing_input
 log = logging.getLogger(__name__)
 
 DATASET_KEYS = ("x_train", "y_train", "x_test", "y_test")
+#: Image folders only: int64 (N, 2) width, height of each picture before preprocessing.
+SIZE_KEYS = ("size_train", "size_test")
 EXTRA_KEYS = ("x_extra", "y_extra")
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -197,6 +201,11 @@ def run_ingest(params: Params, layout: Layout) -> IngestResult:
             "y_test": ds.y_test,
             "x_extra": extra.x,
             "y_extra": extra.y,
+            **(
+                {"size_train": ds.train_sizes, "size_test": ds.test_sizes}
+                if ds.train_sizes is not None and ds.test_sizes is not None
+                else {}
+            ),
         },
     )
     write_json(

@@ -118,6 +118,11 @@ class RawDataset:
     profile: dict[str, object] | None = None
     #: :func:`folder_fingerprint` of an image folder when it was read.
     fingerprint: str | None = None
+    #: Image folders only: each picture's own ``(width, height)`` in pixels after EXIF
+    #: orientation (int64 ``(N, 2)``, rows of ``x_train`` / ``x_test``), as the server
+    #: logs an upload's. None for MNIST and CIFAR-10, whose arrays have no original size.
+    train_sizes: np.ndarray | None = None
+    test_sizes: np.ndarray | None = None
 
     @property
     def image_size(self) -> int:
@@ -562,7 +567,7 @@ def load_imagefolder(
         listing.has_split,
     )
 
-    readable: list[tuple[str, int, str | None, np.ndarray]] = []
+    readable: list[tuple[str, int, str | None, np.ndarray, tuple[int, int]]] = []
     unreadable: list[dict[str, str]] = []
     for n, (path, label, split) in enumerate(entries, start=1):
         rel = path.relative_to(root).as_posix()
@@ -575,14 +580,14 @@ def load_imagefolder(
         except (DataError, OSError, ValueError) as exc:
             unreadable.append({"file": rel, "reason": str(exc)})
             continue
-        readable.append((rel, label, split, arr))
+        readable.append((rel, label, split, arr, img.size))
         if n % 5000 == 0:
             log.info("%s: decoded %d/%d images", root, n, len(entries))
     for bad in unreadable:
         log.warning("%s: unreadable image %s (%s)", root, bad["file"], bad["reason"])
 
     if not has_split:
-        assigned: list[tuple[str, int, str | None, np.ndarray]] = []
+        assigned: list[tuple[str, int, str | None, np.ndarray, tuple[int, int]]] = []
         for label in range(len(classes)):
             members = [r for r in readable if r[1] == label]
             n_test = round(len(members) * test_fraction)
@@ -592,27 +597,29 @@ def load_imagefolder(
                 r[0] for r in sorted(members, key=lambda r: _split_rank(seed, r[0]))[:n_test]
             }
             assigned.extend(
-                (r[0], r[1], "test" if r[0] in test_names else "train", r[3]) for r in members
+                (r[0], r[1], "test" if r[0] in test_names else "train", r[3], r[4]) for r in members
             )
         readable = sorted(assigned, key=lambda r: r[0])
 
     shape = (spec.image_size, spec.image_size, spec.channels)
 
-    def stack(split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def stack(split: str) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
         rows = [r for r in readable if r[2] == split]
         x = np.stack([r[3] for r in rows]) if rows else np.zeros((0, *shape), dtype=np.uint8)
         y = np.asarray([r[1] for r in rows], dtype=np.int64)
-        return x, y, [r[0] for r in rows]
+        sizes = np.asarray([r[4] for r in rows], dtype=np.int64).reshape(-1, 2)
+        return x, y, [r[0] for r in rows], sizes
 
-    x_train, y_train, train_files = stack("train")
-    x_val, y_val, val_files = stack("val")
+    x_train, y_train, train_files, train_sizes = stack("train")
+    x_val, y_val, val_files, val_sizes = stack("val")
     val_indices = None
     if val_files:
         val_indices = list(range(len(y_train), len(y_train) + len(y_val)))
         x_train = np.concatenate([x_train, x_val])
         y_train = np.concatenate([y_train, y_val])
         train_files = train_files + val_files
-    x_test, y_test, test_files = stack("test")
+        train_sizes = np.concatenate([train_sizes, val_sizes])
+    x_test, y_test, test_files, test_sizes = stack("test")
     checksums: dict[str, str] = {}
     if (root / CHECKSUM_FILE).is_file():
         checksums = verify_checksums(root)
@@ -629,6 +636,8 @@ def load_imagefolder(
         checksums=checksums,
         val_indices=val_indices,
         preprocess=spec.to_dict(),
+        train_sizes=train_sizes,
+        test_sizes=test_sizes,
     )
 
 
