@@ -225,19 +225,24 @@ def check_parity(onnx_path: Path, module: nn.Module, x: np.ndarray, atol: float)
     return diff
 
 
-def _split_sizes(path: Path, n: int) -> np.ndarray | None:
+def _split_originals(path: Path, n: int) -> tuple[np.ndarray, np.ndarray] | None:
     """A prepared split's ``size`` (int64 ``(N, 2)`` width, height of each picture before
-    preprocessing; image folders only), None for a split without it (MNIST, CIFAR-10).
-    Raises :class:`DataError` for one that does not match the split's ``n`` images."""
+    preprocessing) and ``format`` (``(N,)`` file format names); image folders only, None
+    for a split without them (MNIST, CIFAR-10). Raises :class:`DataError` for arrays that
+    do not match the split's ``n`` images."""
     from visionops.data.ingest import read_npz
 
     with np.load(path, allow_pickle=False) as npz:
-        if "size" not in npz.files:
+        if "size" not in npz.files or "format" not in npz.files:
             return None
-    sizes = read_npz(path, ("size",))["size"]
-    if sizes.shape != (n, 2):
-        raise DataError(f"{path}: 'size' is {sizes.shape}, expected ({n}, 2); rerun prepare")
-    return sizes
+    arrays = read_npz(path, ("size", "format"))
+    sizes, formats = arrays["size"], arrays["format"]
+    if sizes.shape != (n, 2) or formats.shape != (n,):
+        raise DataError(
+            f"{path}: 'size' is {sizes.shape} and 'format' {formats.shape}, expected ({n}, 2) "
+            f"and ({n},); rerun prepare"
+        )
+    return sizes, formats
 
 
 def run_export(params: Params, layout: Layout) -> ExportResult:
@@ -325,6 +330,8 @@ def run_export(params: Params, layout: Layout) -> ExportResult:
         # it (registration logs the whole folder, so it travels with every version).
         from visionops.monitor.reference import build_reference_profile
 
+        originals = _split_originals(layout.split_npz("val"), len(x_val))
+
         reference = build_reference_profile(
             staging,
             x_val,
@@ -332,7 +339,8 @@ def run_export(params: Params, layout: Layout) -> ExportResult:
             y_val,
             classes=[str(c) for c in classes],
             seed=params.seed,
-            original_sizes=_split_sizes(layout.split_npz("val"), len(x_val)),
+            original_sizes=originals[0] if originals else None,
+            original_formats=[str(f) for f in originals[1]] if originals else None,
         )
         log.info("reference profile: %s", reference.describe())
         detector = calibrate_ood(staging, layout, spec, x_val, params)

@@ -229,6 +229,7 @@ def test_photo_drift_quiet_in_distribution_and_detected_when_dark_or_blurred(
     # What the log kept: the upload's size and the photo statistics of the model input.
     assert (window.stats["original_width"] == 64).all()
     assert (window.stats["original_aspect"] == 1.0).all()
+    assert window.formats == ["PNG"] * WINDOW  # the upload's file format, per prediction
     assert set(PHOTO_STATS) <= set(window.stats)
     assert "stroke_thickness" not in window.stats
     quiet = detect_drift(reference, window)

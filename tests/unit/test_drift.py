@@ -312,3 +312,67 @@ def test_rows_without_stroke_thickness_are_left_out_of_that_test(tmp_path: Path)
     old = load_window(url, since=start, until=start + timedelta(minutes=1))
     assert "stroke_thickness" not in old.stats
     assert any("stroke_thickness" in n for n in detect_drift(reference, old).notes)
+
+
+def _photo_reference(rng: np.random.Generator, n: int = 600) -> ReferenceProfile:
+    """Photos of about 400×300 pixels, three in four PNG, one in four JPEG."""
+    from dataclasses import replace
+
+    from visionops.monitor.stats import size_statistics
+
+    sizes = np.stack([rng.normal(400, 20, n), rng.normal(300, 15, n)], 1).round()
+    return replace(
+        make_reference(rng, n),
+        stats={**make_reference(rng, n).stats, **size_statistics(sizes)},
+        format_counts={"JPEG": n // 4, "PNG": n - n // 4},
+    )
+
+
+def _photo_window(
+    rng: np.random.Generator, formats: list[str | None], scale: float = 1.0
+) -> Window:
+    from visionops.monitor.stats import size_statistics
+
+    base = make_window(rng, len(formats))
+    sizes = np.stack([rng.normal(400, 20, len(formats)), rng.normal(300, 15, len(formats))], 1)
+    stats = {**base.stats, **size_statistics((sizes * scale).round())}
+    return window_from_arrays(base.labels, base.confidence, stats, base.embeddings, formats=formats)
+
+
+def test_photo_windows_in_distribution_are_quiet_on_format_and_size() -> None:
+    rng = np.random.default_rng(21)
+    reference = _photo_reference(rng)
+    formats = ["PNG" if rng.random() < 0.75 else "JPEG" for _ in range(200)]
+    report = detect_drift(reference, _photo_window(rng, formats))
+    by_name = {t.name: t for t in report.tests}
+    assert {"original_format", "original_width", "original_aspect"} <= set(by_name)
+    assert not report.drift_detected, [t.verdict for t in report.drifted]
+
+
+def test_a_new_upload_format_is_format_drift() -> None:
+    rng = np.random.default_rng(22)
+    report = detect_drift(_photo_reference(rng), _photo_window(rng, ["WEBP"] * 200))
+    fmt = {t.name: t for t in report.tests}["original_format"]
+    assert fmt.drift and report.drift_detected
+    assert fmt.method == "chi2" and fmt.effect > 0.5
+    assert fmt.details["current_share"]["WEBP"] == 1.0
+    assert fmt.details["reference_share"] == {"JPEG": 0.25, "PNG": 0.75, "WEBP": 0.0}
+    assert "mix of file formats changed" in fmt.verdict and "'WEBP'" in fmt.verdict
+    # Sizes and everything else are as in the reference: only the format drifted.
+    assert [t.name for t in report.drifted] == ["original_format"]
+
+
+def test_much_larger_pictures_drift_width_and_height_not_aspect() -> None:
+    rng = np.random.default_rng(23)
+    formats = ["PNG" if i % 4 else "JPEG" for i in range(200)]
+    report = detect_drift(_photo_reference(rng), _photo_window(rng, formats, scale=3.0))
+    drifted = {t.name for t in report.drifted}
+    assert {"original_width", "original_height"} <= drifted
+    assert "original_aspect" not in drifted and "original_format" not in drifted
+
+
+def test_format_is_not_compared_without_logged_formats() -> None:
+    rng = np.random.default_rng(24)
+    report = detect_drift(_photo_reference(rng), _photo_window(rng, [None] * 200))
+    assert "original_format" not in {t.name for t in report.tests}
+    assert any("original_format: only 0 logged values" in n for n in report.notes)

@@ -236,13 +236,16 @@ def test_ood_calibration_needs_a_training_split(layout: Layout) -> None:
     assert not layout.export_dir.exists()
 
 
-def test_reference_records_the_pictures_original_sizes(layout: Layout) -> None:
+def test_reference_records_the_pictures_original_sizes_and_formats(layout: Layout) -> None:
     rng = np.random.default_rng(1)
     val = dict(np.load(layout.split_npz("val")))
     sizes = np.stack([rng.integers(300, 400, len(val["y"])), rng.integers(200, 260, 200)], 1)
-    np.savez(layout.split_npz("val"), **val, size=sizes.astype(np.int64))
+    formats = np.asarray(["PNG"] * 150 + ["JPEG"] * 50)
+    np.savez(layout.split_npz("val"), **val, size=sizes.astype(np.int64), format=formats)
     run_export(_params(), layout)
-    stats = json.loads((layout.export_dir / "reference.json").read_text())["stats"]
+    saved = json.loads((layout.export_dir / "reference.json").read_text())
+    assert saved["format_counts"] == {"JPEG": 50, "PNG": 150}
+    stats = saved["stats"]
     assert min(stats["original_width"]) >= 300 and max(stats["original_width"]) < 400
     assert min(stats["original_height"]) >= 200 and max(stats["original_height"]) < 260
     assert all(300 / 260 < a < 400 / 200 for a in stats["original_aspect"])
@@ -255,6 +258,7 @@ def test_reference_without_sizes_records_none_and_a_wrong_size_array_is_named(
     stats = json.loads((layout.export_dir / "reference.json").read_text())["stats"]
     assert "original_width" not in stats
     val = dict(np.load(layout.split_npz("val")))
-    np.savez(layout.split_npz("val"), **val, size=np.ones((3, 2), np.int64))
-    with pytest.raises(DataError, match=r"'size' is \(3, 2\), expected \(200, 2\)"):
+    formats = np.asarray(["PNG"] * 200)
+    np.savez(layout.split_npz("val"), **val, size=np.ones((3, 2), np.int64), format=formats)
+    with pytest.raises(DataError, match=r"'size' is \(3, 2\) .* expected \(200, 2\)"):
         run_export(_params(), layout)

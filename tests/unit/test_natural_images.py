@@ -219,7 +219,9 @@ def test_grey_photos_without_a_plain_background_are_natural(tmp_path: Path) -> N
     assert (profile.median_width, profile.median_height) == (48, 48)
 
 
-def test_picture_sizes_travel_from_ingest_to_the_prepared_splits(tmp_path: Path) -> None:
+def test_picture_sizes_and_formats_travel_from_ingest_to_the_prepared_splits(
+    tmp_path: Path,
+) -> None:
     rng = np.random.default_rng(3)
     root = tmp_path / "photos"
     expected: dict[str, tuple[int, int]] = {}
@@ -228,8 +230,9 @@ def test_picture_sizes_travel_from_ingest_to_the_prepared_splits(tmp_path: Path)
         for i in range(8):
             w, h = 40 + 3 * i + c, 30 + 2 * i  # every picture a size of its own
             a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            Image.fromarray(a, "RGB").save(root / cls / f"{i}.png")
-            expected[f"{cls}/{i}.png"] = (w, h)
+            ext, fmt = (".jpg", "JPEG") if i % 3 == 0 else (".png", "PNG")
+            Image.fromarray(a, "RGB").save(root / cls / f"{i}{ext}")
+            expected[f"{cls}/{i}{ext}"] = (w, h, fmt)
     params = _params(root, "data.val_fraction=0.25", "data.test_fraction=0.25")
     layout = Layout.at(tmp_path / "work")
     run_ingest(params, layout)
@@ -239,5 +242,8 @@ def test_picture_sizes_travel_from_ingest_to_the_prepared_splits(tmp_path: Path)
         arrays = np.load(layout.split_npz(split))
         assert len(arrays["x"]) > 0
         assert arrays["size"].dtype == np.int64 and arrays["size"].shape == (len(arrays["x"]), 2)
-        got = [tuple(int(v) for v in s) for s in arrays["size"]]
+        got = [
+            (int(s[0]), int(s[1]), str(f))
+            for s, f in zip(arrays["size"], arrays["format"], strict=True)
+        ]
         assert got == [expected[files[i]] for i in arrays["index"]]

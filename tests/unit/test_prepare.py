@@ -65,7 +65,7 @@ def test_split_sizes_are_stratified_and_disjoint(tmp_path: Path) -> None:
     assert (result.n_train, result.n_val, result.n_test) == (180, 20, 40)
     train, val, test = (load(layout, s) for s in SPLITS)
     assert set(train) == {"x", "y", "index"}
-    assert set(val) == set(test) == {"x", "y", "index"}  # MNIST pictures have no own size
+    assert set(val) == set(test) == {"x", "y", "index"}  # MNIST: no own size or format
     assert train["x"].dtype == np.uint8 and train["y"].dtype == np.int64
     assert not set(train["index"]) & set(val["index"])
     assert sorted([*train["index"], *val["index"]]) == list(range(200))

@@ -3,7 +3,8 @@
 Writes ``layout.dataset_npz`` (``x_train``, ``y_train``, ``x_test``, ``y_test``: uint8 NHWC
 and int64; ``x_extra``, ``y_extra``: the images of ``data.extra_path``, for the training
 split only — :mod:`visionops.data.extra`; for an image folder also ``size_train``,
-``size_test``: int64 ``(N, 2)`` width, height of each picture before preprocessing) and
+``size_test``: int64 ``(N, 2)`` width, height of each picture before preprocessing, and
+``format_train``, ``format_test``: each file's format, a unicode array) and
 ``layout.dataset_json`` (classes,
 geometry, file names, unreadable files, checksums). Ingest keeps the whole source;
 ``data.limit`` and ``data.test_limit`` are applied by prepare.
@@ -35,8 +36,9 @@ from visionops.stages import missing_input
 log = logging.getLogger(__name__)
 
 DATASET_KEYS = ("x_train", "y_train", "x_test", "y_test")
-#: Image folders only: int64 (N, 2) width, height of each picture before preprocessing.
-SIZE_KEYS = ("size_train", "size_test")
+#: Image folders only: int64 (N, 2) width, height of each picture before preprocessing
+#: and each file's format (unicode, Pillow's name: PNG, JPEG, ...).
+ORIGINAL_KEYS = ("size_train", "size_test", "format_train", "format_test")
 EXTRA_KEYS = ("x_extra", "y_extra")
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -202,7 +204,12 @@ def run_ingest(params: Params, layout: Layout) -> IngestResult:
             "x_extra": extra.x,
             "y_extra": extra.y,
             **(
-                {"size_train": ds.train_sizes, "size_test": ds.test_sizes}
+                {
+                    "size_train": ds.train_sizes,
+                    "size_test": ds.test_sizes,
+                    "format_train": np.asarray(ds.train_formats or [], dtype=np.str_),
+                    "format_test": np.asarray(ds.test_formats or [], dtype=np.str_),
+                }
                 if ds.train_sizes is not None and ds.test_sizes is not None
                 else {}
             ),

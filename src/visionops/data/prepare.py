@@ -4,7 +4,8 @@ Reads the ingest outputs and writes ``layout.split_npz("train"|"val"|"test")`` (
 uint8 NHWC, ``y`` int64, and ``index``: each row's position in ``dataset.npz``'s
 ``x_train``/``x_test``, which maps back to ``dataset.json``'s file names; for an image
 folder the validation and test splits also hold ``size``, int64 ``(N, 2)`` width, height
-of each picture before preprocessing, which export's reference profile records) and
+of each picture before preprocessing, and ``format``, each file's format, which export's
+reference profile records) and
 ``layout.prepared_meta``.
 
 Policy, all driven by ``seed`` (NumPy ``Generator``s) so the same params give the same
@@ -36,7 +37,7 @@ from visionops.config import Params
 from visionops.data.ingest import (
     DATASET_KEYS,
     EXTRA_KEYS,
-    SIZE_KEYS,
+    ORIGINAL_KEYS,
     read_json,
     read_npz,
     write_json,
@@ -148,11 +149,11 @@ def _extra_images(layout: Layout, shape: tuple[int, ...]) -> tuple[np.ndarray, n
     return a["x_extra"].astype(np.uint8), a["y_extra"].astype(np.int64)
 
 
-def _original_sizes(layout: Layout) -> dict[str, np.ndarray] | None:
-    """``dataset.npz``'s ``size_train``/``size_test`` (image folders), None without them."""
+def _originals(layout: Layout) -> dict[str, np.ndarray] | None:
+    """``dataset.npz``'s picture sizes and formats (image folders), None without them."""
     with np.load(layout.dataset_npz, allow_pickle=False) as npz:
-        has = all(k in npz.files for k in SIZE_KEYS)
-    return read_npz(layout.dataset_npz, SIZE_KEYS) if has else None
+        has = all(k in npz.files for k in ORIGINAL_KEYS)
+    return read_npz(layout.dataset_npz, ORIGINAL_KEYS) if has else None
 
 
 def _decided_preprocess(meta: dict[str, Any]) -> dict[str, Any]:
@@ -226,14 +227,15 @@ def run_prepare(params: Params, layout: Layout) -> PrepareResult:
     fit_index = np.concatenate([train_idx, -1 - np.flatnonzero(extra_keep)]).astype(np.int64)
     mean, std = channel_stats(x_fit)
     write_npz(layout.split_npz("train"), {"x": x_fit, "y": y_fit, "index": fit_index})
-    sizes = _original_sizes(layout)
-    for split, x, y, idx, key in (
-        ("val", x_train, y_train, val_idx, "size_train"),
-        ("test", x_test, y_test, test_idx, "size_test"),
+    originals = _originals(layout)
+    for split, x, y, idx, part in (
+        ("val", x_train, y_train, val_idx, "train"),
+        ("test", x_test, y_test, test_idx, "test"),
     ):
         arrays = {"x": x[idx], "y": y[idx], "index": idx}
-        if sizes is not None:
-            arrays["size"] = sizes[key][idx]
+        if originals is not None:
+            arrays["size"] = originals[f"size_{part}"][idx]
+            arrays["format"] = originals[f"format_{part}"][idx]
         write_npz(layout.split_npz(split), arrays)
 
     prepared: dict[str, Any] = {

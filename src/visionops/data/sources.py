@@ -120,9 +120,12 @@ class RawDataset:
     fingerprint: str | None = None
     #: Image folders only: each picture's own ``(width, height)`` in pixels after EXIF
     #: orientation (int64 ``(N, 2)``, rows of ``x_train`` / ``x_test``), as the server
-    #: logs an upload's. None for MNIST and CIFAR-10, whose arrays have no original size.
+    #: logs an upload's, and each file's format (Pillow's name: PNG, JPEG, ...). None for
+    #: MNIST and CIFAR-10, whose arrays have no original size or file format.
     train_sizes: np.ndarray | None = None
     test_sizes: np.ndarray | None = None
+    train_formats: list[str] | None = None
+    test_formats: list[str] | None = None
 
     @property
     def image_size(self) -> int:
@@ -567,7 +570,7 @@ def load_imagefolder(
         listing.has_split,
     )
 
-    readable: list[tuple[str, int, str | None, np.ndarray, tuple[int, int]]] = []
+    readable: list[tuple[str, int, str | None, np.ndarray, tuple[int, int], str]] = []
     unreadable: list[dict[str, str]] = []
     for n, (path, label, split) in enumerate(entries, start=1):
         rel = path.relative_to(root).as_posix()
@@ -580,14 +583,14 @@ def load_imagefolder(
         except (DataError, OSError, ValueError) as exc:
             unreadable.append({"file": rel, "reason": str(exc)})
             continue
-        readable.append((rel, label, split, arr, img.size))
+        readable.append((rel, label, split, arr, img.size, str(img.format)))
         if n % 5000 == 0:
             log.info("%s: decoded %d/%d images", root, n, len(entries))
     for bad in unreadable:
         log.warning("%s: unreadable image %s (%s)", root, bad["file"], bad["reason"])
 
     if not has_split:
-        assigned: list[tuple[str, int, str | None, np.ndarray, tuple[int, int]]] = []
+        assigned: list[tuple[str, int, str | None, np.ndarray, tuple[int, int], str]] = []
         for label in range(len(classes)):
             members = [r for r in readable if r[1] == label]
             n_test = round(len(members) * test_fraction)
@@ -597,21 +600,22 @@ def load_imagefolder(
                 r[0] for r in sorted(members, key=lambda r: _split_rank(seed, r[0]))[:n_test]
             }
             assigned.extend(
-                (r[0], r[1], "test" if r[0] in test_names else "train", r[3], r[4]) for r in members
+                (r[0], r[1], "test" if r[0] in test_names else "train", r[3], r[4], r[5])
+                for r in members
             )
         readable = sorted(assigned, key=lambda r: r[0])
 
     shape = (spec.image_size, spec.image_size, spec.channels)
 
-    def stack(split: str) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    def stack(split: str) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray, list[str]]:
         rows = [r for r in readable if r[2] == split]
         x = np.stack([r[3] for r in rows]) if rows else np.zeros((0, *shape), dtype=np.uint8)
         y = np.asarray([r[1] for r in rows], dtype=np.int64)
         sizes = np.asarray([r[4] for r in rows], dtype=np.int64).reshape(-1, 2)
-        return x, y, [r[0] for r in rows], sizes
+        return x, y, [r[0] for r in rows], sizes, [r[5] for r in rows]
 
-    x_train, y_train, train_files, train_sizes = stack("train")
-    x_val, y_val, val_files, val_sizes = stack("val")
+    x_train, y_train, train_files, train_sizes, train_formats = stack("train")
+    x_val, y_val, val_files, val_sizes, val_formats = stack("val")
     val_indices = None
     if val_files:
         val_indices = list(range(len(y_train), len(y_train) + len(y_val)))
@@ -619,7 +623,8 @@ def load_imagefolder(
         y_train = np.concatenate([y_train, y_val])
         train_files = train_files + val_files
         train_sizes = np.concatenate([train_sizes, val_sizes])
-    x_test, y_test, test_files, test_sizes = stack("test")
+        train_formats = train_formats + val_formats
+    x_test, y_test, test_files, test_sizes, test_formats = stack("test")
     checksums: dict[str, str] = {}
     if (root / CHECKSUM_FILE).is_file():
         checksums = verify_checksums(root)
@@ -638,6 +643,8 @@ def load_imagefolder(
         preprocess=spec.to_dict(),
         train_sizes=train_sizes,
         test_sizes=test_sizes,
+        train_formats=train_formats,
+        test_formats=test_formats,
     )
 
 

@@ -186,7 +186,10 @@ def decode_image(data: bytes | Path, max_pixels: int) -> Image.Image:
     except Exception as exc:  # malformed EXIF must not make a readable image unreadable
         log.warning("%s: ignoring unreadable EXIF orientation (%s)", label, exc)
         upright = None
-    return upright if upright is not None else img
+    if upright is None:
+        return img
+    upright.format = img.format  # the file's format (PNG, JPEG, ...) survives the rotation
+    return upright
 
 
 # --------------------------------------------------------------------------- to array

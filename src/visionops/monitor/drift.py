@@ -8,6 +8,8 @@
 - a chi-square test of the predicted-class counts, window vs reference (a 2×K
   contingency table, so the reference's own sampling noise counts; a Monte Carlo
   p-value when an expected count is below 5) — label or prior shift;
+- for photos, the same chi-square test of the uploads' file formats (PNG, JPEG, ...)
+  against the reference's format counts, when both sides know them;
 - a kernel two-sample test on the embeddings: the maximum mean discrepancy (MMD) with an
   RBF kernel whose bandwidth is the median heuristic, and a permutation p-value. The
   kernel matrix is computed once; every permutation is one column of a weight matrix,
@@ -41,6 +43,7 @@ NumPy and SciPy only: the server imports this module.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -85,6 +88,7 @@ MIN_EFFECT: dict[str, float] = {
     "original_aspect": 0.1,
     "confidence": 0.1,
     "predicted_class": 0.1,
+    "original_format": 0.1,
     "embedding": 0.1,
 }
 #: Effect size name per test method.
@@ -377,7 +381,8 @@ def _ks_verdict(
 
 
 def _class_verdict(
-    classes: Sequence[str],
+    name: str,
+    categories: Sequence[str],
     ref_share: np.ndarray,
     cur_share: np.ndarray,
     p: float,
@@ -387,14 +392,48 @@ def _class_verdict(
 ) -> str:
     diff = cur_share - ref_share
     i = int(np.argmax(np.abs(diff)))
-    label = classes[i] if i < len(classes) else "an unknown class"
-    change = f"'{label}' is {100 * cur_share[i]:.0f}% of predictions vs {100 * ref_share[i]:.0f}%"
+    of, mix = (
+        ("predictions", "predicted classes")
+        if name == "predicted_class"
+        else ("uploads", "file formats")
+    )
+    change = f"'{categories[i]}' is {100 * cur_share[i]:.0f}% of {of} vs {100 * ref_share[i]:.0f}%"
     outcome = _outcome(p, t, effect, minimum, "chi2")
     cmp = "≤" if p <= t else ">"
     tail = f"p = {_fmt_p(p)} {cmp} {t:.2g}; {_effect_text('chi2', effect, minimum)}"
     if outcome == "DRIFT":
-        return f"predicted_class: DRIFT — the mix of predicted classes changed ({change}; {tail})"
-    return f"predicted_class: {outcome} (largest change: {change}; {tail})"
+        return f"{name}: DRIFT — the mix of {mix} changed ({change}; {tail})"
+    return f"{name}: {outcome} (largest change: {change}; {tail})"
+
+
+def _format_test(
+    reference: dict[str, int] | None,
+    formats: Sequence[str | None] | None,
+    rng: np.random.Generator,
+    notes: list[str],
+) -> tuple[str, str, float, float, dict[str, Any], Any] | None:
+    """The chi-square test of the uploads' file formats against the reference's counts
+    (a raw test tuple of :func:`detect_drift`), or None with a note when a side lacks them."""
+    if not reference or formats is None:
+        return None
+    logged = [f for f in formats if f is not None]
+    if len(logged) < MIN_VALUES:
+        notes.append(f"original_format: only {len(logged)} logged values; not compared")
+        return None
+    current = Counter(logged)
+    names = sorted(set(reference) | set(current))
+    ref_counts = np.asarray([reference.get(n, 0) for n in names], dtype=np.float64)
+    cur_counts = np.asarray([current.get(n, 0) for n in names], dtype=np.float64)
+    stat, p, method = class_shift_test(ref_counts, cur_counts, rng)
+    ref_share = ref_counts / max(ref_counts.sum(), 1)
+    cur_share = cur_counts / max(cur_counts.sum(), 1)
+    details: dict[str, Any] = {
+        "method": method,
+        "reference_share": {n: round(float(v), 4) for n, v in zip(names, ref_share, strict=True)},
+        "current_share": {n: round(float(v), 4) for n, v in zip(names, cur_share, strict=True)},
+        "current_counts": {n: int(v) for n, v in zip(names, cur_counts, strict=True)},
+    }
+    return ("original_format", "chi2", stat, p, details, (ref_share, cur_share, names))
 
 
 def normed_wasserstein(reference: np.ndarray, current: np.ndarray) -> float:
@@ -504,7 +543,19 @@ def detect_drift(
         },
         "current_counts": {c: int(current_counts[i]) for i, c in enumerate(reference.classes)},
     }
-    raw.append(("predicted_class", "chi2", stat, p, class_details, (ref_share, cur_share)))
+    raw.append(
+        (
+            "predicted_class",
+            "chi2",
+            stat,
+            p,
+            class_details,
+            (ref_share, cur_share, [*reference.classes, "an unknown class"]),
+        )
+    )
+    fmt_test = _format_test(reference.format_counts, window.formats, rng, notes)
+    if fmt_test is not None:
+        raw.append(fmt_test)
 
     ref_emb, cur_emb = reference.embeddings, window.embeddings
     if cur_emb.ndim != 2 or len(cur_emb) < MIN_EMBEDDINGS or len(ref_emb) < MIN_EMBEDDINGS:
@@ -553,7 +604,7 @@ def detect_drift(
         if method == "ks":
             verdict = _ks_verdict(name, extra[0], extra[1], stat, p, t, effect, minimum)
         elif method == "chi2":
-            verdict = _class_verdict(reference.classes, extra[0], extra[1], p, t, effect, minimum)
+            verdict = _class_verdict(name, extra[2], extra[0], extra[1], p, t, effect, minimum)
         else:
             outcome = _outcome(p, t, effect, minimum, method)
             tail = (

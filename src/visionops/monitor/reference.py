@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -70,6 +71,9 @@ class ReferenceProfile:
     atc_threshold: float | None = None
     created: str = ""
     source: str | None = None  # where it was read from
+    #: Pictures per file format (PNG, JPEG, ...) over the whole split; None: not known
+    #: (MNIST and CIFAR-10 arrays have no file format).
+    format_counts: dict[str, int] | None = None
 
     @property
     def class_distribution(self) -> np.ndarray:
@@ -133,6 +137,7 @@ class ReferenceProfile:
             "confidence": [round(float(v), 6) for v in self.confidence],
             "stats": {k: [round(float(v), 5) for v in vals] for k, vals in self.stats.items()},
             "embeddings_file": EMBEDDINGS_FILE,
+            "format_counts": self.format_counts,
         }
 
     def save(self, folder: Path) -> Path:
@@ -209,6 +214,7 @@ def build_reference_profile(
     seed: int = 0,
     write: bool = True,
     original_sizes: np.ndarray | None = None,
+    original_formats: Sequence[str] | None = None,
 ) -> ReferenceProfile:
     """Run ``export_dir/model.onnx`` over the validation images and profile what it sees.
 
@@ -218,7 +224,8 @@ def build_reference_profile(
     ``export_dir/metadata.json``. With ``write`` the profile is saved beside the model.
     The statistics follow ``spec.kind`` (:func:`~visionops.monitor.stats.image_statistics`);
     ``original_sizes`` (``(N, 2)`` width, height in pixels of the pictures before
-    preprocessing, optional) adds the size statistics. Raises :class:`DataError` for
+    preprocessing, optional) adds the size statistics, ``original_formats`` (``N`` file
+    format names, optional) the format shares. Raises :class:`DataError` for
     images or sizes of the wrong shape, :class:`ModelError` for a model that does not fit.
     """
     export_dir = Path(export_dir)
@@ -239,6 +246,11 @@ def build_reference_profile(
             raise DataError(
                 f"original_sizes must be (N, 2) = ({len(x)}, 2) width, height, got {sizes.shape}"
             )
+    formats = None
+    if original_formats is not None:
+        if len(original_formats) != len(x):
+            raise DataError(f"{len(original_formats)} original formats for {len(x)} images")
+        formats = dict(sorted(Counter(str(f) for f in original_formats).items()))
     meta = _read_metadata(export_dir)
     names = tuple(str(c) for c in (classes or meta.get("classes") or ()))
 
@@ -280,6 +292,7 @@ def build_reference_profile(
         atc_threshold=atc,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         source=str(export_dir / REFERENCE_FILE),
+        format_counts=formats,
     )
     if write:
         profile.save(export_dir)
@@ -298,6 +311,16 @@ def _float_array(value: Any, where: str) -> np.ndarray:
     if arr.ndim != 1 or not np.isfinite(arr).all():
         raise DataError(f"{where} must be a flat list of finite numbers")
     return arr
+
+
+def _format_counts(value: Any, json_path: Path) -> dict[str, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value.values()
+    ):
+        raise DataError(f"{json_path}: 'format_counts' must map format names to counts")
+    return {str(k): int(v) for k, v in value.items()}
 
 
 def load_reference(path: str | Path) -> ReferenceProfile:
@@ -363,6 +386,7 @@ def load_reference(path: str | Path) -> ReferenceProfile:
         atc_threshold=float(atc) if isinstance(atc, int | float) else None,
         created=str(raw.get("created") or ""),
         source=str(json_path),
+        format_counts=_format_counts(raw.get("format_counts"), json_path),
     )
 
 

@@ -40,6 +40,7 @@ OPTIONAL_COLUMNS = (
     "stroke_thickness",
     "original_width",
     "original_height",
+    "original_format",
     "thumbnail",
     "input_pixels",
     "input_shape",
@@ -82,6 +83,8 @@ class Window:
     #: Why the server rejected each input (None: not rejected); None without the column.
     reasons: list[str | None] | None = field(default=None, repr=False)
     ood_scores: np.ndarray | None = field(default=None, repr=False)  # float64, NaN: none
+    #: Each upload's file format (PNG, JPEG, ...; None: not logged); None without the column.
+    formats: list[str | None] | None = field(default=None, repr=False)
 
     def rejections(self) -> dict[str, int] | None:
         """Predictions not accepted, by reason; None when the log has no reason column."""
@@ -130,6 +133,7 @@ class Window:
             accepted=None if self.accepted is None else self.accepted[start:stop],
             reasons=None if self.reasons is None else self.reasons[start:stop],
             ood_scores=None if self.ood_scores is None else self.ood_scores[start:stop],
+            formats=None if self.formats is None else self.formats[start:stop],
         )
 
 
@@ -400,6 +404,11 @@ def load_window(
             if "ood_score" in optional
             else None
         ),
+        formats=(
+            [None if r["original_format"] is None else str(r["original_format"]) for r in rows]
+            if "original_format" in optional
+            else None
+        ),
     )
 
 
@@ -410,6 +419,7 @@ def window_from_arrays(
     embeddings: np.ndarray,
     created_at: list[datetime] | None = None,
     accepted: np.ndarray | None = None,
+    formats: list[str | None] | None = None,
 ) -> Window:
     """A window built in memory (benchmarks, tests): rows as the server would log them."""
     n = len(labels)
@@ -425,4 +435,5 @@ def window_from_arrays(
         embeddings=np.asarray(embeddings, dtype=np.float32),
         embedding_rows=np.arange(len(embeddings), dtype=np.int64),
         accepted=None if accepted is None else np.asarray(accepted, dtype=bool),
+        formats=None if formats is None else list(formats),
     )

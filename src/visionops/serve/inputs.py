@@ -230,8 +230,9 @@ def prepare_file(image: RawImage, index: int, spec: PreprocessSpec, max_pixels: 
 
 def prepare_upload(
     image: RawImage, index: int, spec: PreprocessSpec, max_pixels: int
-) -> tuple[np.ndarray, tuple[int, int]]:
-    """:func:`prepare_file` and the upload's own (width, height) in pixels."""
+) -> tuple[np.ndarray, tuple[int, int], str | None]:
+    """:func:`prepare_file`, the upload's own (width, height) in pixels and its file format
+    (Pillow's name: PNG, JPEG, BMP, GIF or WEBP)."""
     where = f"{FILES_FIELD}[{index}] ({image.filename})"
     fmt = unsupported_format(image.data)
     if fmt is not None:
@@ -242,7 +243,7 @@ def prepare_upload(
         )
     try:
         img = decode_image(image.data, max_pixels=max_pixels)
-        return image_to_array(img, spec), img.size
+        return image_to_array(img, spec), img.size, img.format
     except DataError as exc:
         reason = getattr(exc, "reason", str(exc))
         code = (
@@ -274,6 +275,7 @@ class ModelInputs(NamedTuple):
 
     pixels: np.ndarray  # (N, H, W, C) uint8, model size
     sizes: np.ndarray  # (N, 2) int64 width, height of each picture before preprocessing
+    formats: list[str | None]  # each upload's Pillow format (PNG, JPEG, ...); None: JSON
 
 
 def model_inputs(
@@ -289,14 +291,16 @@ def model_inputs(
     if media == "multipart/form-data":
         files = read_multipart(body, content_type, limits)
         prepared = [prepare_upload(f, i, spec, limits.max_pixels) for i, f in enumerate(files)]
-        pixels = [p for p, _ in prepared]
-        sizes = [size for _, size in prepared]
+        pixels = [p for p, _, _ in prepared]
+        sizes = [size for _, size, _ in prepared]
+        formats = [fmt for _, _, fmt in prepared]
     elif media == "application/json" or (
         media.startswith("application/") and media.endswith("+json")
     ):
         arrays = parse_instances(body, limits)
         pixels = [prepare_instance(a, spec) for a in arrays]
         sizes = [(a.shape[1], a.shape[0]) for a in arrays]
+        formats = [None] * len(arrays)
     else:
         raise ApiError(
             415,
@@ -305,4 +309,4 @@ def model_inputs(
             f"with field '{FILES_FIELD}' or application/json with 'instances'",
         )
     batch = pixels[0][None] if len(pixels) == 1 else np.stack(pixels)
-    return ModelInputs(batch, np.asarray(sizes, dtype=np.int64).reshape(-1, 2))
+    return ModelInputs(batch, np.asarray(sizes, dtype=np.int64).reshape(-1, 2), formats)

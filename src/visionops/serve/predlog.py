@@ -77,6 +77,8 @@ predictions_table = sa.Table(
     # logged by an older server): the monitor's original_width/height/aspect.
     sa.Column("original_width", sa.Integer, nullable=True),
     sa.Column("original_height", sa.Integer, nullable=True),
+    # The upload's file format (Pillow's name: PNG, JPEG, ...); NULL for JSON instances.
+    sa.Column("original_format", sa.String(16), nullable=True),
 )
 
 
@@ -188,6 +190,7 @@ class PredictionBatch:
     reasons: Sequence[str | None] | None = None  # why not accepted (None: accepted)
     ood_scores: np.ndarray | None = None  # (N,) float; None: no OOD calibration
     original_sizes: np.ndarray | None = None  # (N, 2) int width, height; None: unknown
+    original_formats: Sequence[str | None] | None = None  # PNG, JPEG, ...; None: unknown
 
     def __len__(self) -> int:
         return len(self.class_index)
@@ -216,6 +219,7 @@ class PredictionRecord:
     reason: str | None = None  # None: accepted
     ood_score: float | None = None
     original_size: tuple[int, int] | None = None  # width, height of the upload (pixels)
+    original_format: str | None = None  # the upload's format (PNG, JPEG, ...)
 
     def to_batch(self) -> PredictionBatch:
         return PredictionBatch(
@@ -238,6 +242,7 @@ class PredictionRecord:
             original_sizes=None
             if self.original_size is None
             else np.asarray([self.original_size], dtype=np.int64),
+            original_formats=(self.original_format,),
         )
 
 
@@ -262,6 +267,7 @@ def batch_rows(
         sizes = (
             b.original_sizes.tolist() if b.original_sizes is not None else [(None, None)] * len(b)
         )
+        formats = list(b.original_formats or [None] * len(b))
         for i in range(len(b)):
             j = at + i
             row: dict[str, Any] = {
@@ -284,6 +290,7 @@ def batch_rows(
                 "ood_score": scores[i],
                 "original_width": sizes[i][0],
                 "original_height": sizes[i][1],
+                "original_format": formats[i],
             }
             if stats is not None:
                 for name, values in stats.items():

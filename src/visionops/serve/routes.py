@@ -126,9 +126,14 @@ async def predict(request: Request) -> Response:
     model = service.require_model()  # the same model preprocesses and scores this request
     content_type = request.headers.get("content-type", "")
     body = await request.body()
-    pixels, sizes = model_inputs(body, content_type, model.spec, service.settings.serve)
+    pixels, sizes, formats = model_inputs(body, content_type, model.spec, service.settings.serve)
     answer = await service.predict(
-        model, pixels, request.state.request_id, return_input, original_sizes=sizes
+        model,
+        pixels,
+        request.state.request_id,
+        return_input,
+        original_sizes=sizes,
+        original_formats=formats,
     )
     return Response(answer, media_type="application/json")
 

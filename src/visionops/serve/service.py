@@ -281,13 +281,15 @@ class PredictionService:
         request_id: str,
         return_input: bool = False,
         original_sizes: np.ndarray | None = None,
+        original_formats: Sequence[str | None] | None = None,
     ) -> bytes:
         """Score model-sized uint8 images ``(N, H, W, C)``; the JSON answer, in input order.
 
         One micro-batched ONNX Runtime call, metrics and one prediction-log entry for the
         whole request. With ``return_input`` each prediction also carries ``input_png``,
         the model input as a PNG data URL. ``original_sizes`` (``(N, 2)`` width, height
-        of the pictures before preprocessing) is logged for the monitor. Raises
+        of the pictures before preprocessing) and ``original_formats`` (each upload's
+        Pillow format name, None for a JSON instance) are logged for the monitor. Raises
         :class:`InferenceError` when the model fails.
         """
         x = normalize(pixels, model.spec)
@@ -324,6 +326,7 @@ class PredictionService:
                     reasons=reasons,
                     ood_scores=ood_scores,
                     original_sizes=original_sizes,
+                    original_formats=original_formats,
                 )
             )
         return body
