@@ -241,3 +241,21 @@ def test_reference_store_matches_the_served_model(model_dir: Path, tmp_path: Pat
     os.utime(model_dir / REFERENCE_FILE, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     refreshed = store.for_model(served)
     assert refreshed is not None and refreshed.accuracy == 0.5
+
+
+def test_format_counts_round_trip_and_a_broken_one_is_named(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    x = digits(40, seed=2)
+    formats = ["PNG"] * 30 + ["JPEG"] * 10
+    profile = build_reference_profile(model_dir, x, SPEC, original_formats=formats)
+    assert profile.format_counts == {"JPEG": 10, "PNG": 30}
+    assert load_reference(model_dir).format_counts == {"JPEG": 10, "PNG": 30}
+    with pytest.raises(DataError, match="3 original formats for 40 images"):
+        build_reference_profile(model_dir, x, SPEC, original_formats=formats[:3], write=False)
+    raw = json.loads((model_dir / REFERENCE_FILE).read_text())
+    raw["format_counts"] = {"PNG": -1}
+    (tmp_path / REFERENCE_FILE).write_text(json.dumps(raw))
+    (tmp_path / EMBEDDINGS_FILE).write_bytes((model_dir / EMBEDDINGS_FILE).read_bytes())
+    with pytest.raises(DataError, match="'format_counts' must map format names to counts"):
+        load_reference(tmp_path)
