@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -246,6 +247,10 @@ def test_reference_store_matches_the_served_model(model_dir: Path, tmp_path: Pat
 def test_format_counts_round_trip_and_a_broken_one_is_named(
     model_dir: Path, tmp_path: Path
 ) -> None:
+    # A copy of the module's model: this test writes its own reference.
+    model_dir = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
     x = digits(40, seed=2)
     formats = ["PNG"] * 30 + ["JPEG"] * 10
     profile = build_reference_profile(model_dir, x, SPEC, original_formats=formats)
@@ -255,7 +260,7 @@ def test_format_counts_round_trip_and_a_broken_one_is_named(
         build_reference_profile(model_dir, x, SPEC, original_formats=formats[:3], write=False)
     raw = json.loads((model_dir / REFERENCE_FILE).read_text())
     raw["format_counts"] = {"PNG": -1}
-    (tmp_path / REFERENCE_FILE).write_text(json.dumps(raw))
-    (tmp_path / EMBEDDINGS_FILE).write_bytes((model_dir / EMBEDDINGS_FILE).read_bytes())
+    (broken / REFERENCE_FILE).write_text(json.dumps(raw))
+    (broken / EMBEDDINGS_FILE).write_bytes((model_dir / EMBEDDINGS_FILE).read_bytes())
     with pytest.raises(DataError, match="'format_counts' must map format names to counts"):
-        load_reference(tmp_path)
+        load_reference(broken)
