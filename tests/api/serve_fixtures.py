@@ -36,9 +36,20 @@ SPEC = PreprocessSpec(
 
 
 def build_tiny_model(
-    folder: Path, seed: int = 0, name: str = "tiny-mnist", classes: list[str] | None = None
+    folder: Path,
+    seed: int = 0,
+    name: str = "tiny-mnist",
+    classes: list[str] | None = None,
+    spec: PreprocessSpec = SPEC,
+    width: int = 4,
+    sharpen: float = 12.0,
+    accuracy: float = 0.1,
 ) -> Path:
-    """Write ``model.onnx`` + ``metadata.json`` of a small random-weight CNN to ``folder``."""
+    """Write ``model.onnx`` + ``metadata.json`` of a small random-weight CNN to ``folder``.
+
+    ``spec`` gives the input (channels, image_size) and travels in the metadata; ``width``
+    is the number of conv filters; ``sharpen`` scales the logits (a random network is
+    unsure of everything; sharpening spreads confidences out)."""
     import torch
     from torch import nn
 
@@ -47,14 +58,14 @@ def build_tiny_model(
     class Tiny(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.conv = nn.Conv2d(1, 4, 3, stride=2)
-            self.fc = nn.Linear(4 * 13 * 13, 16)
+            side = (spec.image_size - 3) // 2 + 1
+            self.conv = nn.Conv2d(spec.channels, width, 3, stride=2)
+            self.fc = nn.Linear(width * side * side, 16)
             self.head = nn.Linear(16, len(names))
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             emb = torch.relu(self.fc(torch.relu(self.conv(x)).flatten(1)))
-            # A random network is unsure of everything; sharpening spreads confidences out.
-            return torch.softmax(12.0 * self.head(emb), dim=1), emb
+            return torch.softmax(sharpen * self.head(emb), dim=1), emb
 
     torch.manual_seed(seed)
     model = Tiny().eval()
@@ -63,7 +74,7 @@ def build_tiny_model(
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
-            (torch.zeros(2, 1, 28, 28),),
+            (torch.zeros(2, spec.channels, spec.image_size, spec.image_size),),
             str(folder / "model.onnx"),
             input_names=["input"],
             output_names=["probabilities", "embedding"],
@@ -79,10 +90,10 @@ def build_tiny_model(
         "name": name,
         "architecture": "tiny-cnn",
         "classes": names,
-        "preprocess": SPEC.to_dict(),
+        "preprocess": spec.to_dict(),
         "input_name": "input",
         "outputs": ["probabilities", "embedding"],
-        "metrics": {"accuracy": 0.1, "macro_f1": 0.1},
+        "metrics": {"accuracy": accuracy, "macro_f1": accuracy},
         "parity_max_abs_diff": 0.0,
         "opset": 17,
         "created": "2024-01-01T00:00:00+00:00",

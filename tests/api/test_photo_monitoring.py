@@ -4,8 +4,6 @@ the real app."""
 
 from __future__ import annotations
 
-import json
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from scipy import ndimage
+from serve_fixtures import build_tiny_model
 
 from visionops.data.shapes import CLASSES, draw_shape
 from visionops.data.transforms import PreprocessSpec, image_to_array
@@ -119,61 +118,21 @@ def test_photo_scenarios_read_an_image_folder(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- end to end
 
 
-def build_tiny_colour_model(folder: Path, seed: int = 0) -> Path:
-    """``model.onnx`` + ``metadata.json`` of a small random-weight colour CNN (32×32 RGB,
-    kind natural, the three shape classes)."""
-    import torch
-    from torch import nn
-
-    class TinyColour(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 8, 3, stride=2)
-            self.fc = nn.Linear(8 * 15 * 15, 16)
-            self.head = nn.Linear(16, len(CLASSES))
-
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            emb = torch.relu(self.fc(torch.relu(self.conv(x)).flatten(1)))
-            return torch.softmax(4.0 * self.head(emb), dim=1), emb
-
-    torch.manual_seed(seed)
-    model = TinyColour().eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.zeros(2, 3, 32, 32),),
-            str(folder / "model.onnx"),
-            input_names=["input"],
-            output_names=["probabilities", "embedding"],
-            dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-    meta = {
-        "name": "tiny-shapes",
-        "architecture": "tiny-colour-cnn",
-        "classes": list(CLASSES),
-        "preprocess": PHOTO_SPEC.to_dict(),
-        "input_name": "input",
-        "outputs": ["probabilities", "embedding"],
-        "metrics": {"accuracy": 0.34},
-        "parity_max_abs_diff": 0.0,
-        "opset": 17,
-        "created": "2024-01-01T00:00:00+00:00",
-        "git_sha": "test",
-    }
-    (folder / "metadata.json").write_text(json.dumps(meta, indent=2))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def photo_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The real app serving the tiny colour model, its reference from 400 validation
     shapes (another seed than the traffic), and a prediction log."""
     work = tmp_path_factory.mktemp("photo-monitoring")
-    folder = build_tiny_colour_model(work / "exported")
+    # A small random-weight colour CNN (32×32 RGB, kind natural, the three shape classes).
+    folder = build_tiny_model(
+        work / "exported",
+        name="tiny-shapes",
+        classes=list(CLASSES),
+        spec=PHOTO_SPEC,
+        width=8,
+        sharpen=4.0,
+        accuracy=0.34,
+    )
     rng = np.random.default_rng(100)
     labels = rng.integers(0, len(CLASSES), 400)
     pictures = [draw_shape(CLASSES[k], 64, rng) for k in labels]
