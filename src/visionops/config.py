@@ -304,6 +304,11 @@ class OodParams(StrictModel):
     min_ink_pixels: int = Field(
         default=8, ge=0, description="fewer pixels at half ink or more: no_ink (0 = off)"
     )
+    dims: int = Field(
+        default=64,
+        ge=0,
+        description="principal directions of the bank the distance is taken in (0 = all)",
+    )
 
     @model_validator(mode="after")
     def _k_within_bank(self) -> OodParams:

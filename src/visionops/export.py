@@ -373,7 +373,9 @@ def calibrate_ood(
 
     The bank is a seeded sample of ``ood.bank_size`` training-split embeddings; the
     threshold is set on the whole validation split (other images than the bank's) so that
-    ``ood.false_rejection_rate`` of it is rejected. Writes ``folder/ood_bank.npy``.
+    ``ood.false_rejection_rate`` of it is rejected; with ``ood.dims`` the distances are
+    taken in the bank's top principal directions. Writes ``folder/ood_bank.npy`` (and
+    ``ood_projection.npy``).
     """
     from visionops.monitor.reference import score_images
     from visionops.ood import calibrate
@@ -395,6 +397,7 @@ def calibrate_ood(
         # Ink is a single-channel notion (ink bright on black); colour images have none.
         min_ink_pixels=params.ood.min_ink_pixels if spec.channels == 1 else 0,
         val_pixels=x_val if spec.channels == 1 else None,
+        dims=params.ood.dims,
     )
     detector.save_bank(folder)
     log.info(

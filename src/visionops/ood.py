@@ -20,6 +20,15 @@ a confident class. Three tests run beside it:
   the bank goes beside the model as ``ood_bank.npy`` (float32 ``(M, D)``, ``np.save``,
   read with ``allow_pickle=False``).
 
+  With ``ood.dims`` > 0 the distances are taken in the bank's top ``dims`` principal
+  directions (PCA of the unit bank rows): the bank is stored projected, ``(M, dims)``,
+  beside the projection ``ood_projection.npy`` (float32 ``(D, dims)``). The score is one
+  matrix product with the bank per batch, and the bank is streamed from memory each time,
+  so its cost grows with ``M * dims``: on the bundled MNIST model 64 of 256 dimensions
+  keep 97 % of the bank's variance, rank MNIST test against generated non-digits with
+  ROC AUC 0.943 (0.944 with all 256; the same non-digits flagged at the calibrated
+  threshold) and cut the score's time per 4-image batch from 390 to 80 µs.
+
 The module needs NumPy (and threadpoolctl to keep the matrix product on one BLAS
 thread): the export calibrates with it, the server applies it, both without torch and
 without importing each other.
@@ -42,6 +51,7 @@ Reason = Literal["no_ink", "out_of_distribution", "low_confidence"]
 REASONS: tuple[str, ...] = ("no_ink", "out_of_distribution", "low_confidence")
 
 BANK_FILE = "ood_bank.npy"
+PROJECTION_FILE = "ood_projection.npy"
 METHOD = "knn"
 #: uint8 level from which a pixel counts as ink (half of full ink).
 INK_LEVEL = 128
@@ -138,27 +148,63 @@ def _blas_controller() -> Any:
 
 
 def knn_distance(
-    embeddings: np.ndarray, bank_t: np.ndarray, k: int, exclude_self: bool = False
+    embeddings: np.ndarray,
+    bank_t: np.ndarray,
+    k: int,
+    exclude_self: bool = False,
+    *,
+    projection: np.ndarray | None = None,
+    bank_sq: np.ndarray | None = None,
 ) -> np.ndarray:
     """Euclidean distance of each normalised embedding to its k-th nearest bank row.
 
-    ``embeddings`` float ``(N, D)`` (normalised here), ``bank_t`` the transposed unit
-    bank float32 ``(D, M)``. Returns float64 ``(N,)`` in ``[0, 2]``. One matrix product
-    and one partial sort per batch: no Python loop over images. ``exclude_self`` skips
-    the nearest row (scoring the bank against itself).
+    ``embeddings`` float ``(N, D)`` (normalised here), ``bank_t`` the transposed bank
+    float32: unit rows ``(D, M)``, or with ``projection`` (float32 ``(D, d)``) the
+    projected unit rows ``(d, M)`` and ``bank_sq`` their squared norms ``(M,)``; the
+    embeddings are then projected too. Returns float64 ``(N,)`` in ``[0, 2]``. One matrix
+    product and one partial sort per batch: no Python loop over images.
+    ``exclude_self`` skips the nearest row (scoring the bank against itself).
     """
     z = l2_normalise(embeddings)
+    if projection is not None:
+        z = z @ projection
     # One BLAS thread: a (N, D) x (D, M) product this small gains nothing from more, and
     # BLAS threads waking up beside ONNX Runtime's cost milliseconds on a busy server.
     with _blas_controller().limit(limits=1, user_api="blas"):
-        sims = z @ bank_t  # (N, M) cosine similarities
+        sims = z @ bank_t  # (N, M): cosine similarities of unit rows
     m = sims.shape[1]
     kth = min(k + int(exclude_self), m)
     if m == 0:
         raise ValueError("the OOD bank is empty")
-    # The k-th largest similarity is the k-th nearest neighbour on the unit sphere.
-    top = np.partition(sims, m - kth, axis=1)[:, m - kth]
-    return np.sqrt(np.clip(2.0 - 2.0 * top.astype(np.float64), 0.0, 4.0))
+    if projection is None:
+        # The k-th largest similarity is the k-th nearest neighbour on the unit sphere.
+        top = np.partition(sims, m - kth, axis=1)[:, m - kth]
+        return np.sqrt(np.clip(2.0 - 2.0 * top.astype(np.float64), 0.0, 4.0))
+    if bank_sq is None:
+        raise ValueError("a projected bank needs its squared row norms (bank_sq)")
+    # |z - b|^2 = |z|^2 - 2 (z.b - |b|^2 / 2): the nearest rows have the largest bracket.
+    sims -= 0.5 * bank_sq
+    top = np.partition(sims, m - kth, axis=1)[:, m - kth].astype(np.float64)
+    z_sq = np.einsum("nd,nd->n", z, z).astype(np.float64)
+    return np.sqrt(np.clip(z_sq - 2.0 * top, 0.0, 4.0))
+
+
+def pca_projection(unit_bank: np.ndarray, dims: int) -> tuple[np.ndarray, float]:
+    """The top ``dims`` principal directions of ``unit_bank`` (float ``(M, D)``) as float32
+    ``(D, dims)`` columns, and the share of the bank's variance they keep.
+
+    Distances are unchanged by a shift, so the directions of the centred rows serve
+    uncentred rows too. Raises ValueError unless ``0 < dims < D``.
+    """
+    d = unit_bank.shape[1]
+    if not 0 < dims < d:
+        raise ValueError(f"dims must lie in (0, {d}), got {dims}")
+    centred = np.asarray(unit_bank, dtype=np.float64)
+    centred = centred - centred.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    var = s**2
+    kept = float(var[:dims].sum() / max(var.sum(), _EPS))
+    return np.ascontiguousarray(vt[:dims].T, dtype=np.float32), kept
 
 
 @dataclass(frozen=True)
@@ -172,25 +218,40 @@ class OodDetector:
     k: int
     threshold: float
     false_rejection_rate: float
-    bank: np.ndarray = field(repr=False)  # float32 (M, D), unit rows
+    # float32 (M, D) unit rows; with a projection, those rows projected: (M, d)
+    bank: np.ndarray = field(repr=False)
     min_ink_pixels: int = MIN_INK_PIXELS
     min_edge_density: float = 0.0  # 0: the edge-density test is off
     calibration: dict[str, Any] = field(default_factory=dict)
+    projection: np.ndarray | None = field(default=None, repr=False)  # float32 (D, d)
     _bank_t: np.ndarray = field(init=False, repr=False, compare=False)
+    _bank_sq: np.ndarray | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_bank_t", np.ascontiguousarray(self.bank.T, np.float32))
+        sq = None
+        if self.projection is not None:
+            if self.projection.ndim != 2 or self.projection.shape[1] != self.bank.shape[1]:
+                raise ValueError(
+                    f"projection {self.projection.shape} does not match the bank's "
+                    f"{self.bank.shape[1]} columns"
+                )
+            sq = np.einsum("md,md->m", self.bank, self.bank).astype(np.float32)
+        object.__setattr__(self, "_bank_sq", sq)
 
     @property
     def dim(self) -> int:
-        return int(self.bank.shape[1])
+        """The embedding size D the detector scores."""
+        return int(self.projection.shape[0] if self.projection is not None else self.bank.shape[1])
 
     def score(self, embeddings: np.ndarray) -> np.ndarray:
         """OOD score float64 ``(N,)`` of embeddings float ``(N, D)`` (see :func:`knn_distance`)."""
         e = np.asarray(embeddings)
         if e.ndim != 2 or e.shape[1] != self.dim:
             raise ValueError(f"expected (N, {self.dim}) embeddings, got shape {e.shape}")
-        return knn_distance(e, self._bank_t, self.k)
+        return knn_distance(
+            e, self._bank_t, self.k, projection=self.projection, bank_sq=self._bank_sq
+        )
 
     def is_out(self, scores: np.ndarray) -> np.ndarray:
         """bool ``(N,)``: score above the calibrated threshold."""
@@ -206,6 +267,8 @@ class OodDetector:
             "bank_file": BANK_FILE,
             "bank_size": int(self.bank.shape[0]),
             "embedding_dim": self.dim,
+            "dims": int(self.bank.shape[1]) if self.projection is not None else 0,
+            **({"projection_file": PROJECTION_FILE} if self.projection is not None else {}),
             "min_ink_pixels": self.min_ink_pixels,
             "ink_level": INK_LEVEL,
             "min_edge_density": self.min_edge_density,
@@ -213,8 +276,11 @@ class OodDetector:
         }
 
     def save_bank(self, folder: Path) -> Path:
+        """Write the bank (and the projection, if any) into ``folder``; the bank's path."""
         path = Path(folder) / BANK_FILE
         np.save(path, np.ascontiguousarray(self.bank, np.float32))
+        if self.projection is not None:
+            np.save(Path(folder) / PROJECTION_FILE, np.ascontiguousarray(self.projection))
         return path
 
     @classmethod
@@ -253,6 +319,14 @@ class OodDetector:
             raise ModelError(f"{bank_path}: unreadable OOD bank ({exc})") from None
         if bank.ndim != 2 or bank.shape[0] < 1 or not np.issubdtype(bank.dtype, np.floating):
             raise ModelError(f"{bank_path}: expected a float (M, D) array, got {bank.shape}")
+        projection = None
+        if entry.get("projection_file"):
+            projection = _load_projection(Path(folder) / str(entry["projection_file"]), where)
+            if projection.shape[1] != bank.shape[1]:
+                raise ModelError(
+                    f"{bank_path}: bank rows have {bank.shape[1]} values, the projection "
+                    f"gives {projection.shape[1]}"
+                )
         calibration = entry.get("calibration")
         return cls(
             k=k,
@@ -262,7 +336,26 @@ class OodDetector:
             min_ink_pixels=min_ink,
             min_edge_density=min_edge,
             calibration=dict(calibration) if isinstance(calibration, Mapping) else {},
+            projection=projection,
         )
+
+
+def _load_projection(path: Path, where: Path) -> np.ndarray:
+    """The float32 ``(D, d)`` projection at ``path``; :class:`ModelError` otherwise."""
+    try:
+        projection = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ModelError(f"{path} not found (named by {where} ood.projection_file)") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: unreadable OOD projection ({exc})") from None
+    if (
+        projection.ndim != 2
+        or min(projection.shape) < 1
+        or not np.issubdtype(projection.dtype, np.floating)
+        or not np.all(np.isfinite(projection))
+    ):
+        raise ModelError(f"{path}: expected a finite float (D, d) array, got {projection.shape}")
+    return projection.astype(np.float32, copy=False)
 
 
 def calibrate(
@@ -272,8 +365,13 @@ def calibrate(
     k: int,
     min_ink_pixels: int = MIN_INK_PIXELS,
     val_pixels: np.ndarray | None = None,
+    dims: int = 0,
 ) -> OodDetector:
     """A detector that rejects ``false_rejection_rate`` of the validation split.
+
+    ``dims`` > 0 (and below D): distances in the bank's top ``dims`` principal
+    directions (:func:`pca_projection`; ``calibration.explained_variance`` records the
+    share of variance kept); 0 or at least D: all dimensions.
 
     ``bank_embeddings`` (M, D) come from the training split, ``val_embeddings`` (N, D)
     from the validation split (never the same images: a bank row's distance to itself is
@@ -294,11 +392,19 @@ def calibrate(
     if n == 0 or len(bank_embeddings) == 0:
         raise ValueError("calibration needs bank and validation embeddings")
     bank = l2_normalise(bank_embeddings)
-    scores = knn_distance(val_embeddings, np.ascontiguousarray(bank.T), k)
+    calibration: dict[str, Any] = {"split": "val", "n_images": n}
+    projection = None
+    if 0 < dims < bank.shape[1]:
+        projection, kept = pca_projection(bank, dims)
+        bank = np.ascontiguousarray(bank @ projection, dtype=np.float32)
+        calibration["explained_variance"] = round(kept, 6)
+    detector = OodDetector(
+        k=k, threshold=0.0, false_rejection_rate=0.0, bank=bank, projection=projection
+    )
+    scores = detector.score(np.asarray(val_embeddings, dtype=np.float32))
     budget = int(np.floor(false_rejection_rate * n))  # images the tests may reject
     min_edge = 0.0
     screened = np.zeros(n, dtype=bool)
-    calibration: dict[str, Any] = {"split": "val", "n_images": n}
     if val_pixels is not None:
         if len(val_pixels) != n:
             raise ValueError(f"{len(val_pixels)} validation images for {n} embeddings")
@@ -339,4 +445,5 @@ def calibrate(
         min_ink_pixels=int(min_ink_pixels),
         min_edge_density=min_edge,
         calibration=calibration,
+        projection=projection,
     )

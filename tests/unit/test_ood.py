@@ -14,6 +14,7 @@ from visionops.errors import ModelError
 from visionops.monitor.simulate import load_mnist_test
 from visionops.ood import (
     BANK_FILE,
+    PROJECTION_FILE,
     OodDetector,
     calibrate,
     edge_density,
@@ -21,6 +22,7 @@ from visionops.ood import (
     knn_distance,
     l2_normalise,
     no_ink,
+    pca_projection,
     screen_pixels,
 )
 
@@ -151,6 +153,39 @@ def test_knn_distance_matches_a_brute_force_loop() -> None:
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_projected_distance_is_the_full_one_when_the_directions_span_the_bank() -> None:
+    rng = np.random.default_rng(6)
+    # Unit rows in a 6-dimensional subspace of 32 dimensions (plus their shift): six
+    # principal directions hold every difference between rows.
+    basis = np.linalg.qr(rng.normal(size=(32, 6)))[0]
+    bank = l2_normalise(rng.normal(size=(400, 6)) @ basis.T + 0.0)
+    projection, kept = pca_projection(bank, 7)
+    assert projection.shape == (32, 7) and projection.dtype == np.float32
+    assert kept == pytest.approx(1.0, abs=1e-6)
+    q = rng.normal(size=(30, 6)) @ basis.T  # queries in the same subspace
+    full = knn_distance(q, np.ascontiguousarray(bank.T), 3)
+    pb = bank @ projection
+    got = knn_distance(
+        q,
+        np.ascontiguousarray(pb.T),
+        3,
+        projection=projection,
+        bank_sq=(pb**2).sum(axis=1).astype(np.float32),
+    )
+    np.testing.assert_allclose(got, full, atol=1e-4)
+    # Fewer directions than the data has: distances shrink (a projection is a contraction).
+    few, kept_few = pca_projection(bank, 2)
+    pb2 = bank @ few
+    short = knn_distance(
+        q, np.ascontiguousarray(pb2.T), 3, projection=few, bank_sq=(pb2**2).sum(axis=1)
+    )
+    assert kept_few < 0.9 and (short <= full + 1e-5).all() and (short < full - 1e-3).any()
+    with pytest.raises(ValueError, match="dims must lie in"):
+        pca_projection(bank, 32)
+    with pytest.raises(ValueError, match="bank_sq"):
+        knn_distance(q, np.ascontiguousarray(pb.T), 1, projection=projection)
+
+
 # --------------------------------------------------------------------------- calibration
 
 
@@ -228,6 +263,40 @@ def test_detector_round_trips_through_metadata(tmp_path: Path) -> None:
     np.testing.assert_allclose(back.score(q), det.score(q))
     with pytest.raises(ValueError, match=r"\(N, 32\)"):
         back.score(np.ones((2, 5)))
+
+
+def test_projected_detector_calibrates_saves_and_loads(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    bank, val = _clusters(rng, 1000), _clusters(rng, 2000)
+    det = calibrate(bank, val, 0.01, k=1, dims=12)
+    assert det.bank.shape == (1000, 12) and det.dim == 32
+    assert 0.5 < det.calibration["explained_variance"] < 1.0
+    assert int(det.is_out(det.score(val)).sum()) == 20  # the budget holds in 12 dimensions
+    # Foreign embeddings: most of their difference lies outside the 12 directions of this
+    # isotropic toy data, yet most are still rejected (all 32 dimensions: > 95 %).
+    other = rng.normal(size=(500, 32)) * 3.0 - 4.0
+    assert det.is_out(det.score(other)).mean() > 0.8
+    det.save_bank(tmp_path)
+    entry = json.loads(json.dumps(det.to_metadata()))
+    assert (entry["dims"], entry["projection_file"], entry["embedding_dim"]) == (
+        12,
+        PROJECTION_FILE,
+        32,
+    )
+    back = OodDetector.load(tmp_path, {"ood": entry})
+    q = _clusters(rng, 50)
+    np.testing.assert_allclose(back.score(q), det.score(q))
+    # dims 0 (or >= D) keeps every dimension and writes no projection.
+    plain = calibrate(bank, val, 0.01, k=1, dims=0)
+    assert plain.projection is None and "projection_file" not in plain.to_metadata()
+    assert plain.to_metadata()["dims"] == 0
+    # A projection that does not fit the bank, or is missing, is refused by name.
+    np.save(tmp_path / PROJECTION_FILE, np.ones((32, 5), np.float32))
+    with pytest.raises(ModelError, match="projection gives 5"):
+        OodDetector.load(tmp_path, {"ood": entry})
+    (tmp_path / PROJECTION_FILE).unlink()
+    with pytest.raises(ModelError, match=f"{PROJECTION_FILE} not found"):
+        OodDetector.load(tmp_path, {"ood": entry})
 
 
 @pytest.mark.parametrize(

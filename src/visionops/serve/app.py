@@ -23,6 +23,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp
 
 from visionops import __version__
 from visionops.errors import ConfigError, VisionOpsError
@@ -102,6 +103,21 @@ def _install_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+class ServeAPI(FastAPI):
+    """The FastAPI app with :class:`~visionops.serve.hotpath.PredictEndpoint` in front."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        from visionops.serve.hotpath import PredictEndpoint
+
+        service: PredictionService = self.state.service
+        return PredictEndpoint(
+            super().build_middleware_stack(),
+            service,
+            service.metrics,
+            service.settings.serve.max_body_bytes,
+        )
+
+
 def create_app(
     settings: ServeSettings,
     model: LoadedModel | None = None,
@@ -129,7 +145,7 @@ def create_app(
             if group is not None:
                 mark_process_dead(str(group.metrics_dir), os.getpid())
 
-    app = FastAPI(
+    app = ServeAPI(
         title="visionops prediction service",
         version=__version__,
         description=(
@@ -149,7 +165,8 @@ def create_app(
     _install_error_handlers(app)
     _install_openapi(app)
     # Added last = outermost: the context middleware sees (and ids, times, counts) every
-    # response, including the body limit's 413.
+    # response, including the body limit's 413. POST /v1/predict is answered in front of
+    # all of it by the same logic in one layer (ServeAPI, visionops.serve.hotpath).
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.serve.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

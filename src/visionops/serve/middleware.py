@@ -55,6 +55,36 @@ def request_id_of(scope: Scope) -> str:
     return str(scope.get("state", {}).get("request_id", "-"))
 
 
+def new_request_id(scope: Scope) -> str:
+    """The client's ``X-Request-ID`` when it is a safe token, else a fresh uuid4 hex."""
+    incoming = _header(scope, REQUEST_ID_HEADER)
+    return incoming if incoming and _CLIENT_ID.match(incoming) else uuid.uuid4().hex
+
+
+def context_headers(request_id: str) -> list[tuple[bytes, bytes]]:
+    """The headers every response carries: its request id and ``nosniff``."""
+    return [(b"x-request-id", request_id.encode()), (b"x-content-type-options", b"nosniff")]
+
+
+def record_request(
+    metrics: ServeMetrics, scope: Scope, status: int, elapsed: float, request_id: str
+) -> None:
+    """Count and time one answered request (route template, method, status labels) and
+    write its access-log line when ``--access-log`` is on. ``elapsed`` in seconds."""
+    labels = (_route_label(scope), method_label(scope["method"]), status_label(status))
+    metrics.child(metrics.requests, *labels).inc()
+    metrics.child(metrics.latency, *labels).observe(elapsed)
+    if access_log.isEnabledFor(logging.INFO):  # off unless --access-log
+        access_log.info(
+            "%s %s %d %.1fms request_id=%s",
+            scope["method"],
+            scope["path"],
+            status,
+            elapsed * 1000,
+            request_id,
+        )
+
+
 class RequestContextMiddleware:
     """Outermost layer: request id header, security headers, metrics and the catch-all.
 
@@ -70,13 +100,9 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = _header(scope, REQUEST_ID_HEADER)
-        request_id = incoming if incoming and _CLIENT_ID.match(incoming) else uuid.uuid4().hex
+        request_id = new_request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
-        extra = [
-            (b"x-request-id", request_id.encode()),
-            (b"x-content-type-options", b"nosniff"),
-        ]
+        extra = context_headers(request_id)
         status = 500
         started = False
 
@@ -96,25 +122,14 @@ class RequestContextMiddleware:
                 "unhandled error on %s %s (request %s)", scope["method"], scope["path"], request_id
             )
             if not started:
-                body = error_body(
-                    "internal_error", f"unexpected server error; request id {request_id}"
-                )
-                await send_json(send_wrapper, 500, body, [])
+                await send_json(send_wrapper, 500, internal_error_body(request_id), [])
         finally:
-            elapsed = time.perf_counter() - start
-            route = _route_label(scope)
-            labels = (route, method_label(scope["method"]), status_label(status))
-            self.metrics.child(self.metrics.requests, *labels).inc()
-            self.metrics.child(self.metrics.latency, *labels).observe(elapsed)
-            if access_log.isEnabledFor(logging.INFO):  # off unless --access-log
-                access_log.info(
-                    "%s %s %d %.1fms request_id=%s",
-                    scope["method"],
-                    scope["path"],
-                    status,
-                    elapsed * 1000,
-                    request_id,
-                )
+            record_request(self.metrics, scope, status, time.perf_counter() - start, request_id)
+
+
+def internal_error_body(request_id: str) -> dict[str, Any]:
+    """The 500 answer's body: it names the request id, to find the logged traceback."""
+    return error_body("internal_error", f"unexpected server error; request id {request_id}")
 
 
 class BodySizeLimitMiddleware:
@@ -171,29 +186,35 @@ class BodySizeLimitMiddleware:
     async def _refuse(
         self, scope: Scope, receive: Receive, send: Send, body_ended: bool = False
     ) -> None:
-        """Answer 413 so that every client reads it, then close the connection.
-
-        A client that sends its whole body before reading (Python's urllib) would get a
-        connection reset if the server closed with unread bytes in the socket, so the
-        rest of the body is read and discarded first, up to :attr:`discard_limit` bytes.
-        A client that asked ``Expect: 100-continue`` has sent nothing yet and is
-        answered at once.
-        """
-        expect = (_header(scope, "expect") or "").lower()
-        if expect != "100-continue" and not body_ended:
-            await _discard_body(receive, self.discard_limit)
-        message = f"request body exceeds the limit of {self.max_bytes} bytes (serve.max_body_bytes)"
-        await send_json(
-            send, 413, error_body("payload_too_large", message), [(b"connection", b"close")]
-        )
-
-    @property
-    def discard_limit(self) -> int:
-        """Most bytes of a refused body read (and thrown away) before closing."""
-        return max(4 * self.max_bytes, DISCARD_MIN_BYTES)
+        await refuse_too_large(scope, receive, send, self.max_bytes, body_ended)
 
 
-# Read and thrown away, at least, before a 413 closes the connection (see _refuse).
+async def refuse_too_large(
+    scope: Scope, receive: Receive, send: Send, max_bytes: int, body_ended: bool = False
+) -> None:
+    """Answer 413 so that every client reads it, then close the connection.
+
+    A client that sends its whole body before reading (Python's urllib) would get a
+    connection reset if the server closed with unread bytes in the socket, so the rest
+    of the body is read and discarded first, up to :func:`discard_limit` bytes. A client
+    that asked ``Expect: 100-continue`` has sent nothing yet and is answered at once.
+    ``send`` is expected to add the request-context headers.
+    """
+    expect = (_header(scope, "expect") or "").lower()
+    if expect != "100-continue" and not body_ended:
+        await _discard_body(receive, discard_limit(max_bytes))
+    message = f"request body exceeds the limit of {max_bytes} bytes (serve.max_body_bytes)"
+    await send_json(
+        send, 413, error_body("payload_too_large", message), [(b"connection", b"close")]
+    )
+
+
+def discard_limit(max_bytes: int) -> int:
+    """Most bytes of a refused body read (and thrown away) before closing."""
+    return max(4 * max_bytes, DISCARD_MIN_BYTES)
+
+
+# Read and thrown away, at least, before a 413 closes the connection (see refuse_too_large).
 DISCARD_MIN_BYTES = 16 * 1024 * 1024
 
 

@@ -121,30 +121,51 @@ async def predict(request: Request) -> Response:
     Predictions come back in input order. Images are decoded and preprocessed exactly
     as at training time (inversion of dark-on-light images, MNIST-style centring).
     """
-    service: PredictionService = request.app.state.service
-    return_input = _flag(request, "return_input")
+    answer = await predict_answer(
+        request.app.state.service,
+        await request.body(),
+        request.headers.get("content-type", ""),
+        request.query_params.get("return_input"),
+        request.state.request_id,
+    )
+    return Response(answer, media_type="application/json")
+
+
+async def predict_answer(
+    service: PredictionService,
+    body: bytes,
+    content_type: str,
+    return_input: str | None,
+    request_id: str,
+) -> bytes:
+    """The JSON answer of ``/v1/predict`` for a request body (the route's whole work).
+
+    ``return_input``: the query parameter's value (None when absent). Raises
+    :class:`ApiError` for client errors (503 before a model is loaded),
+    :class:`~visionops.errors.VisionOpsError` for unreadable input (a 400) and
+    :class:`~visionops.serve.batching.InferenceError` when the model fails (a 500).
+    Shared by the FastAPI route and :mod:`visionops.serve.hotpath`.
+    """
+    want_input = flag("return_input", return_input)
     model = service.require_model()  # the same model preprocesses and scores this request
-    content_type = request.headers.get("content-type", "")
-    body = await request.body()
     pixels, sizes, formats = model_inputs(body, content_type, model.spec, service.settings.serve)
-    answer = await service.predict(
+    return await service.predict(
         model,
         pixels,
-        request.state.request_id,
-        return_input,
+        request_id,
+        want_input,
         original_sizes=sizes,
         original_formats=formats,
     )
-    return Response(answer, media_type="application/json")
 
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off", ""})
 
 
-def _flag(request: Request, name: str) -> bool:
-    """A boolean query parameter (absent: false); 422 ``invalid_request`` otherwise."""
-    value = request.query_params.get(name)
+def flag(name: str, value: str | None) -> bool:
+    """A boolean query parameter's value (None: absent, false); 422 ``invalid_request``
+    for anything but true/false, 1/0, yes/no, on/off (any case)."""
     if value is None:
         return False
     if value.lower() in _TRUE:
