@@ -173,8 +173,9 @@ def run_windows(
         est.append(verdict.performance.estimated.value)
         ood_shift = verdict.performance.ood_shift
         shift.append(None if ood_shift is None else ood_shift.rate)
-        if truth is not None and truth[i] is not None:
-            real.append(float(np.mean(truth[i])))
+        known = None if truth is None else truth[i]
+        if known is not None:
+            real.append(float(np.mean(known)))
             errors.append(est[-1] - real[-1])
         if counts is None:
             cls = next(t for t in verdict.drift.tests if t.name == "predicted_class")
@@ -540,12 +541,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         # How the simulator sends it: JSON instances (the service sees these pixels).
         rows = Rows(
-            session, served_pixels(data.images, spec, "json"), spec, classes, data.labels, th
+            session,
+            served_pixels(np.asarray(data.images), spec, "json"),
+            spec,
+            classes,
+            data.labels,
+            th,
         )
         rows.score_ood(detector)
-        groups = [np.arange(i * small, (i + 1) * small) for i in range(args.windows)]
-        windows, truth = rows.windows(groups)
-        detection[scenario] = run_windows(reference, windows, args.seed, truth, th)
+        seq = [np.arange(i * small, (i + 1) * small) for i in range(args.windows)]
+        scenario_windows, truth = rows.windows(seq)
+        detection[scenario] = run_windows(reference, scenario_windows, args.seed, truth, th)
         log.info("%s: %s (%.0fs)", scenario, detection[scenario], time.perf_counter() - t)
 
     assert json_rows is not None

@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         data = scenario_images(
             scenario, args.windows * SIZE, seed=args.seed + 2000 + k, mnist=mnist
         )
-        rows = Rows(session, served_pixels(data.images, spec, "json"), spec, classes, None, 0.7)
+        rows = Rows(
+            session, served_pixels(np.asarray(data.images), spec, "json"), spec, classes, None, 0.7
+        )
         rows.score_ood(detector)
         groups = [np.arange(i * SIZE, (i + 1) * SIZE) for i in range(args.windows)]
         harmful[f"{scenario} (seed {args.seed + 2000 + k})"] = (rows, groups)
