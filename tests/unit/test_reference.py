@@ -120,6 +120,33 @@ def test_stroke_thickness_of_known_bars() -> None:
     assert list(stats["bbox_width"]) == [1, 2, 3, 4, 5, 0]
 
 
+def test_stroke_thickness_of_a_batch_equals_one_transform_per_whole_image() -> None:
+    from scipy import ndimage
+
+    from visionops.monitor.stats import INK_THRESHOLD, STROKE_CHUNK
+
+    # More images than a chunk, ink anywhere (up to the edges), and blank chunks.
+    rng = np.random.default_rng(7)
+    n = 3 * STROKE_CHUNK + 5
+    x = np.zeros((n, 28, 28), np.uint8)
+    for i in range(n):
+        if STROKE_CHUNK <= i < 2 * STROKE_CHUNK:
+            continue  # a chunk without ink
+        top, left = rng.integers(0, 24, 2)
+        x[i, top : top + rng.integers(2, 12), left : left + rng.integers(1, 8)] = 255
+    x[3, 0, :] = 255  # a stroke along the border
+
+    def one(img: np.ndarray) -> float:
+        ink = img >= INK_THRESHOLD
+        dist = ndimage.distance_transform_edt(np.pad(ink, 1))[1:-1, 1:-1]
+        ridge = ink & (dist >= ndimage.maximum_filter(dist, size=3))
+        return float(np.clip(2 * dist[ridge].mean() - 0.5, 1, 28)) if ridge.any() else 0.0
+
+    expected = np.asarray([one(img) for img in x])
+    assert np.allclose(stroke_thickness(x), expected, atol=1e-9)
+    assert (expected[STROKE_CHUNK : 2 * STROKE_CHUNK] == 0).all() and (expected[:5] > 0).all()
+
+
 def test_thumbnail_is_a_png_of_the_image() -> None:
     import base64
     import io
