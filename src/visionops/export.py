@@ -331,7 +331,9 @@ def run_export(params: Params, layout: Layout) -> ExportResult:
         from visionops.monitor.reference import build_reference_profile
 
         originals = _split_originals(layout.split_npz("val"), len(x_val))
-
+        # The OOD detector first: the reference records its scores' per-class quantiles.
+        detector = calibrate_ood(staging, layout, spec, x_val, params)
+        metadata["ood"] = detector.to_metadata()
         reference = build_reference_profile(
             staging,
             x_val,
@@ -341,10 +343,9 @@ def run_export(params: Params, layout: Layout) -> ExportResult:
             seed=params.seed,
             original_sizes=originals[0] if originals else None,
             original_formats=[str(f) for f in originals[1]] if originals else None,
+            ood_detector=detector,
         )
         log.info("reference profile: %s", reference.describe())
-        detector = calibrate_ood(staging, layout, spec, x_val, params)
-        metadata["ood"] = detector.to_metadata()
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         shutil.rmtree(layout.export_dir, ignore_errors=True)
         staging.rename(layout.export_dir)

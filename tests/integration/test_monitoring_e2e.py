@@ -126,6 +126,9 @@ def test_drift_endpoint_flips_from_mnist_to_foreign_handwriting(server, exported
     assert calm["window"]["size"] == WINDOW
     assert calm["drift_detected"] is False, [t for t in calm["tests"] if t["drift"]]
     assert calm["alarm"] is False, calm["alarm_reasons"]
+    # The server logs each input's OOD score and the export profiled them per class.
+    shift = calm["ood_score_shift"]
+    assert shift["status"] == "ok" and shift["n"] == WINDOW, shift
     assert calm["estimated_accuracy"]["low"] <= calm["estimated_accuracy"]["high"]
     assert {t["name"] for t in calm["tests"]} >= {"confidence", "predicted_class"}
     assert _check(predlog_url, exported_model, work).returncode == 0
@@ -138,6 +141,7 @@ def test_drift_endpoint_flips_from_mnist_to_foreign_handwriting(server, exported
     # Other writers the model reads worse: the alarm, not only a warning.
     assert storm["alarm"] is True and storm["alarm_reasons"], storm["estimated_accuracy"]
     assert storm["estimated_accuracy"]["value"] < calm["estimated_accuracy"]["value"]
+    assert storm["ood_score_shift"]["rate"] > calm["ood_score_shift"]["rate"]
     check = _check(predlog_url, exported_model, work)
     assert check.returncode == 1, check.stdout + check.stderr
 

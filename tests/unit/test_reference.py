@@ -120,6 +120,33 @@ def test_stroke_thickness_of_known_bars() -> None:
     assert list(stats["bbox_width"]) == [1, 2, 3, 4, 5, 0]
 
 
+def test_stroke_thickness_of_a_batch_equals_one_transform_per_whole_image() -> None:
+    from scipy import ndimage
+
+    from visionops.monitor.stats import INK_THRESHOLD, STROKE_CHUNK
+
+    # More images than a chunk, ink anywhere (up to the edges), and blank chunks.
+    rng = np.random.default_rng(7)
+    n = 3 * STROKE_CHUNK + 5
+    x = np.zeros((n, 28, 28), np.uint8)
+    for i in range(n):
+        if STROKE_CHUNK <= i < 2 * STROKE_CHUNK:
+            continue  # a chunk without ink
+        top, left = rng.integers(0, 24, 2)
+        x[i, top : top + rng.integers(2, 12), left : left + rng.integers(1, 8)] = 255
+    x[3, 0, :] = 255  # a stroke along the border
+
+    def one(img: np.ndarray) -> float:
+        ink = img >= INK_THRESHOLD
+        dist = ndimage.distance_transform_edt(np.pad(ink, 1))[1:-1, 1:-1]
+        ridge = ink & (dist >= ndimage.maximum_filter(dist, size=3))
+        return float(np.clip(2 * dist[ridge].mean() - 0.5, 1, 28)) if ridge.any() else 0.0
+
+    expected = np.asarray([one(img) for img in x])
+    assert np.allclose(stroke_thickness(x), expected, atol=1e-9)
+    assert (expected[STROKE_CHUNK : 2 * STROKE_CHUNK] == 0).all() and (expected[:5] > 0).all()
+
+
 def test_thumbnail_is_a_png_of_the_image() -> None:
     import base64
     import io
@@ -264,3 +291,44 @@ def test_format_counts_round_trip_and_a_broken_one_is_named(
     (broken / EMBEDDINGS_FILE).write_bytes((model_dir / EMBEDDINGS_FILE).read_bytes())
     with pytest.raises(DataError, match="'format_counts' must map format names to counts"):
         load_reference(broken)
+
+
+def test_per_class_ood_quantiles_are_built_from_the_detector_and_round_trip(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    from visionops.ood import calibrate
+
+    model_dir = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    session = open_onnx(model_dir / "model.onnx")
+    bank_x, val_x = digits(200, seed=4), digits(400, seed=5)
+    _, bank = session.run(["probabilities", "embedding"], {"input": normalize(bank_x, SPEC)})
+    probs, val = session.run(["probabilities", "embedding"], {"input": normalize(val_x, SPEC)})
+    detector = calibrate(bank, val, 0.01, k=1)
+    profile = build_reference_profile(model_dir, val_x, SPEC, ood_detector=detector)
+    ood = profile.ood_scores
+    assert ood is not None and ood.k == 1 and ood.levels == (0.5, 0.75, 0.9, 0.95, 0.99)
+    predicted = probs.argmax(1)
+    scores = detector.score(val)
+    assert list(ood.counts) == list(np.bincount(predicted, minlength=3))
+    q90 = ood.thresholds(0.9)
+    assert q90 is not None and ood.thresholds(0.8) is None
+    for c in range(3):
+        mine = scores[predicted == c]
+        # A class with too few predictions falls back to the pooled quantile.
+        want = np.quantile(mine, 0.9) if len(mine) >= 50 else np.quantile(scores, 0.9)
+        assert q90[c] == pytest.approx(want, abs=1e-6)
+    loaded = load_reference(model_dir)
+    assert loaded.ood_scores is not None
+    assert np.allclose(loaded.ood_scores.by_class, ood.by_class, atol=1e-6)
+    assert list(loaded.ood_scores.counts) == list(ood.counts)
+
+    # A profile written before the quantiles were recorded still loads, without them.
+    raw = json.loads((model_dir / REFERENCE_FILE).read_text())
+    del raw["ood_scores"]
+    (model_dir / REFERENCE_FILE).write_text(json.dumps(raw))
+    assert load_reference(model_dir).ood_scores is None
+    # A malformed entry is named.
+    raw["ood_scores"] = {**ood.to_json_dict(), "by_class": [[0.1, 0.2]]}
+    (model_dir / REFERENCE_FILE).write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="'ood_scores' must hold 5 finite quantiles"):
+        load_reference(model_dir)

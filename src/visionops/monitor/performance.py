@@ -28,6 +28,18 @@ minimum effect before it raises the alarm:
   wrong on inputs unlike anything it was trained on (uniform noise: 100 % confident).
   Each: a one-sided binomial test at ``REJECTED_ALPHA`` and a rise of at least
   ``min_rejected_rise``.
+- **OOD-score shift within the predicted classes** (``ood_score_shift``): the share of
+  the window's logged ``ood_score`` values (the server's kNN distance,
+  :class:`visionops.ood.OodDetector`) above the reference's ``OOD_SHIFT_LEVEL``
+  quantile of *their predicted class* (:class:`~visionops.monitor.reference.OodScoreProfile`;
+  ``1 - OOD_SHIFT_LEVEL`` expected). It sees inputs that are each only a little less
+  typical — blurred, printed or foreign digits move most scores up without crossing the
+  rejection threshold — and, being class-conditional, it stays quiet when only the class
+  mix changes (label shift). A one-sided binomial test at ``REJECTED_ALPHA`` and a rise of
+  at least ``min_ood_shift`` (:data:`MIN_OOD_SHIFT`, chosen on calibration windows
+  disjoint from the reported ones: benchmarks/results/ood_shift_calibration.md). Skipped,
+  with the reason in the verdict, when the reference has no per-class OOD quantiles
+  (written before they were recorded) or the window's rows logged no ``ood_score``.
 - **Realised accuracy** from feedback (true labels sent to ``POST /v1/feedback``) over
   the window's labelled rows, with a Wilson interval; the alarm: at least
   ``MIN_LABELLED`` labels and the interval's upper end more than ``min_accuracy_drop``
@@ -67,6 +79,17 @@ OOD_ATYPICALITY = 0.99
 OOD_NEIGHBOURS = 5
 #: Significance of the rejected-rate test (one-sided binomial).
 REJECTED_ALPHA = 0.01
+#: Quantile of the reference's per-class OOD scores a window's scores are compared with:
+#: 10 % of in-distribution rows lie above it. Among the levels 0.5–0.95 it separated the
+#: harmful MNIST scenarios from in-distribution writer blocks best
+#: (benchmarks/results/ood_shift_calibration.md).
+OOD_SHIFT_LEVEL = 0.9
+#: Smallest rise of the share above ``OOD_SHIFT_LEVEL`` (a fraction, over the expected
+#: ``1 - OOD_SHIFT_LEVEL``) that raises the alarm: the midpoint between the largest share
+#: of in-distribution calibration windows of 200 (i.i.d. and writer blocks of the MNIST
+#: test set) and the smallest of harmful-scenario calibration windows, rounded down to a
+#: whole point (benchmarks/calibrate_ood_shift.py).
+MIN_OOD_SHIFT = 0.14
 #: Fewest labelled predictions in a window before realised accuracy can raise the alarm.
 MIN_LABELLED = 30
 
@@ -143,6 +166,37 @@ class RejectedRate:
 
 
 @dataclass(frozen=True)
+class OodScoreShift:
+    """The class-conditional OOD-score check of a window (``ood_score_shift``).
+
+    ``rate``: share of the scored rows above their predicted class's ``level`` quantile of
+    the reference; ``expected`` = ``1 - level``. ``skipped`` says why the check did not
+    run (then ``rate`` and ``p_value`` are None and ``n`` is 0).
+    """
+
+    rate: float | None
+    expected: float
+    n: int
+    p_value: float | None
+    level: float
+    min_rise: float
+    alarm: bool
+    skipped: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": "skipped" if self.skipped else ("alarm" if self.alarm else "ok"),
+            "rate": None if self.rate is None else round(self.rate, 6),
+            "expected": round(self.expected, 6),
+            "n": self.n,
+            "p_value": self.p_value,
+            "level": self.level,
+            "min_rise": self.min_rise,
+            "skipped": self.skipped,
+        }
+
+
+@dataclass(frozen=True)
 class PerformanceReport:
     """The alarm level: whether the window puts the model's performance at risk."""
 
@@ -154,6 +208,7 @@ class PerformanceReport:
     reasons: tuple[str, ...]
     min_accuracy_drop: float
     min_rejected_rise: float
+    ood_shift: OodScoreShift | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -163,9 +218,11 @@ class PerformanceReport:
             "realised_accuracy": None if self.realised is None else self.realised.to_dict(),
             "rejected_rate": None if self.rejected is None else self.rejected.to_dict(),
             "ood_rate": None if self.ood is None else self.ood.to_dict(),
+            "ood_score_shift": None if self.ood_shift is None else self.ood_shift.to_dict(),
             "alarm_thresholds": {
                 "min_accuracy_drop": self.min_accuracy_drop,
                 "min_rejected_rise": self.min_rejected_rise,
+                "min_ood_shift": None if self.ood_shift is None else self.ood_shift.min_rise,
                 "rejected_alpha": REJECTED_ALPHA,
                 "min_labelled": MIN_LABELLED,
             },
@@ -182,6 +239,8 @@ class PerformanceReport:
             text += (
                 f"; realised {100 * self.realised.value:.1f} % on {self.realised.labelled} labelled"
             )
+        if self.ood_shift is not None and self.ood_shift.skipped:
+            text += f"; OOD-score check skipped: {self.ood_shift.skipped}"
         if self.alarm:
             return "ALARM: " + "; ".join(self.reasons) + f" ({text})"
         return f"no alarm: {text}"
@@ -269,6 +328,48 @@ def ood_rate(window: Window, reference: ReferenceProfile) -> RejectedRate | None
     )
 
 
+def ood_score_shift(
+    window: Window,
+    reference: ReferenceProfile,
+    level: float = OOD_SHIFT_LEVEL,
+    min_rise: float = MIN_OOD_SHIFT,
+) -> OodScoreShift:
+    """The ``ood_score_shift`` check (module docstring) of ``window`` against ``reference``.
+
+    Rows count when they logged a finite ``ood_score`` and their predicted label is one of
+    the reference's classes. The alarm: binomial p < ``REJECTED_ALPHA`` and ``rate -
+    (1 - level)`` ≥ ``min_rise``. Returns a skipped check (never raises) when the reference
+    has no per-class quantiles at ``level`` or no row has a score.
+    """
+    expected = 1.0 - level
+
+    def skipped(why: str) -> OodScoreShift:
+        return OodScoreShift(None, expected, 0, None, level, min_rise, False, why)
+
+    profile = reference.ood_scores
+    if profile is None:
+        return skipped(
+            "the reference profile has no per-class OOD scores (written before they were "
+            "recorded, or the model has no OOD detector): export the model again"
+        )
+    bounds = profile.thresholds(level)
+    if bounds is None:
+        return skipped(f"the reference profile has no {level:g} quantile of the OOD scores")
+    if window.ood_scores is None:
+        return skipped("the prediction log has no ood_score column")
+    index = {name: i for i, name in enumerate(reference.classes)}
+    cls = np.asarray([index.get(label, -1) for label in window.labels], dtype=np.int64)
+    scores = np.asarray(window.ood_scores, dtype=np.float64)
+    keep = np.isfinite(scores) & (cls >= 0)
+    n = int(keep.sum())
+    if n == 0:
+        return skipped("no prediction of the window logged an OOD score")
+    k = int((scores[keep] > bounds[cls[keep]]).sum())
+    p_value = _binomial_greater(k, n, expected)
+    alarm = p_value < REJECTED_ALPHA and k / n - expected >= min_rise
+    return OodScoreShift(k / n, expected, n, p_value, level, min_rise, alarm)
+
+
 def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion ``correct / n``; (0, 1) for n = 0."""
     if n <= 0:
@@ -317,6 +418,7 @@ def assess_performance(
     feedback: tuple[int, int] | None = None,
     min_accuracy_drop: float = MIN_ACCURACY_DROP,
     min_rejected_rise: float = MIN_REJECTED_RISE,
+    min_ood_shift: float = MIN_OOD_SHIFT,
     z: float = Z_95,
 ) -> PerformanceReport:
     """Decide the alarm level for ``window`` (see the module docstring).
@@ -329,6 +431,8 @@ def assess_performance(
         raise ConfigError(f"min_accuracy_drop must be in [0, 1), got {min_accuracy_drop}")
     if not 0 <= min_rejected_rise < 1:
         raise ConfigError(f"min_rejected_rise must be in [0, 1), got {min_rejected_rise}")
+    if not 0 <= min_ood_shift < 1:
+        raise ConfigError(f"min_ood_shift must be in [0, 1), got {min_ood_shift}")
     reasons: list[str] = []
     est = estimate_accuracy(
         window.confidence, reference.confidence, reference.accuracy, z, reference.atc_threshold
@@ -352,6 +456,16 @@ def assess_performance(
             f"from the reference than {100 * OOD_ATYPICALITY:g} % of its own images "
             f"(binomial p = {ood.p_value:.2g} < {REJECTED_ALPHA:g}, "
             f"rise ≥ {100 * min_rejected_rise:g} points)"
+        )
+
+    shift = ood_score_shift(window, reference, OOD_SHIFT_LEVEL, min_ood_shift)
+    if shift.alarm and shift.rate is not None:
+        reasons.append(
+            f"OOD scores rose within their predicted classes (ood_score_shift): "
+            f"{100 * shift.rate:.1f} % of {shift.n} lie above their class's "
+            f"{100 * shift.level:g}th percentile of the reference "
+            f"({100 * shift.expected:g} % expected; binomial p = {shift.p_value:.2g} < "
+            f"{REJECTED_ALPHA:g}, rise ≥ {100 * min_ood_shift:g} points)"
         )
 
     rejected = rejected_rate(window, reference, confidence_threshold)
@@ -389,4 +503,5 @@ def assess_performance(
         reasons=tuple(reasons),
         min_accuracy_drop=min_accuracy_drop,
         min_rejected_rise=min_rejected_rise,
+        ood_shift=shift,
     )

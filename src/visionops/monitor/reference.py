@@ -15,6 +15,11 @@ model) and read by drift detection, the monitoring report and the server:
   registry when served).
 - ``reference_embeddings.npy`` — a seeded sample of embeddings, float32 ``(M, D)``,
   written with ``np.save`` and read with ``allow_pickle=False``.
+- ``ood_scores`` in ``reference.json`` (when the export gives its out-of-distribution
+  detector, :class:`visionops.ood.OodDetector`): quantiles of the validation split's OOD
+  scores per *predicted* class (:class:`OodScoreProfile`), what the class-conditional
+  OOD-score check of :mod:`visionops.monitor.performance` compares a window's logged
+  ``ood_score`` with. Profiles written before it have none; the check is then skipped.
 
 No torch: ONNX Runtime runs the exported graph, as the server does.
 """
@@ -30,13 +35,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from visionops.data.transforms import PreprocessSpec, normalize
 from visionops.errors import DataError, ModelError
 from visionops.monitor.stats import PHOTO_STATS, image_statistics, size_statistics
+
+if TYPE_CHECKING:
+    from visionops.ood import OodDetector
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,104 @@ EMBEDDINGS_FILE = "reference_embeddings.npy"
 FORMAT = "visionops-reference/1"
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
+
+
+#: Quantile levels of the per-class OOD-score profile.
+OOD_SCORE_LEVELS: tuple[float, ...] = (0.5, 0.75, 0.9, 0.95, 0.99)
+#: Fewest validation predictions of a class for quantiles of its own; a rarer class uses
+#: the quantiles of the whole split (a 90th percentile of a handful of scores is noise).
+MIN_CLASS_SCORES = 50
+
+
+@dataclass(frozen=True)
+class OodScoreProfile:
+    """Quantiles of the validation split's out-of-distribution scores, per predicted class.
+
+    ``by_class`` float64 ``(K, L)``: row ``k`` holds the ``levels`` quantiles of the kNN
+    scores (:meth:`visionops.ood.OodDetector.score`) of the validation images predicted as
+    class ``k`` — the pooled quantiles when fewer than :data:`MIN_CLASS_SCORES` were;
+    ``pooled`` ``(L,)`` those of the whole split; ``counts`` int64 ``(K,)`` the images per
+    predicted class. Conditioning on the predicted class keeps a change of the class mix
+    (label shift) from looking like a change of the scores: classes differ in how far
+    their images lie from the training bank (MNIST validation medians 0.13 for '1',
+    0.30 for '2').
+    """
+
+    levels: tuple[float, ...]
+    by_class: np.ndarray
+    pooled: np.ndarray
+    counts: np.ndarray
+    k: int  # the detector's neighbour rank, so a reader can tell which score it profiles
+
+    @classmethod
+    def from_scores(
+        cls,
+        scores: np.ndarray,
+        predicted: np.ndarray,
+        n_classes: int,
+        k: int,
+        levels: Sequence[float] = OOD_SCORE_LEVELS,
+    ) -> OodScoreProfile:
+        """The profile of OOD ``scores`` float ``(N,)`` of images predicted as
+        ``predicted`` int ``(N,)`` (class indices below ``n_classes``)."""
+        s = np.asarray(scores, dtype=np.float64)
+        p = np.asarray(predicted, dtype=np.int64)
+        if s.shape != p.shape or s.ndim != 1 or s.size == 0:
+            raise DataError(f"need one OOD score per prediction, got {s.shape} and {p.shape}")
+        lv = tuple(float(q) for q in levels)
+        pooled = np.quantile(s, lv)
+        counts = np.bincount(p, minlength=n_classes).astype(np.int64)
+        by_class = np.stack(
+            [
+                np.quantile(s[p == c], lv) if counts[c] >= MIN_CLASS_SCORES else pooled
+                for c in range(n_classes)
+            ]
+        )
+        return cls(levels=lv, by_class=by_class, pooled=pooled, counts=counts, k=int(k))
+
+    def thresholds(self, level: float) -> np.ndarray | None:
+        """float64 ``(K,)``: each class's ``level`` quantile; None when not profiled."""
+        for j, q in enumerate(self.levels):
+            if abs(q - level) < 1e-9:
+                return np.asarray(self.by_class[:, j], dtype=np.float64)
+        return None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "levels": list(self.levels),
+            "by_class": [[round(float(v), 6) for v in row] for row in self.by_class],
+            "pooled": [round(float(v), 6) for v in self.pooled],
+            "counts": [int(c) for c in self.counts],
+            "k": self.k,
+            "min_class_scores": MIN_CLASS_SCORES,
+        }
+
+    @classmethod
+    def from_json_dict(cls, raw: Any, n_classes: int, where: str) -> OodScoreProfile:
+        """Read :meth:`to_json_dict`'s output; :class:`DataError` naming ``where``."""
+        if not isinstance(raw, dict):
+            raise DataError(f"{where}: 'ood_scores' must be an object")
+        try:
+            levels = tuple(float(q) for q in raw["levels"])
+            by_class = np.asarray(raw["by_class"], dtype=np.float64)
+            pooled = np.asarray(raw["pooled"], dtype=np.float64)
+            counts = np.asarray(raw["counts"], dtype=np.int64)
+            k = int(raw["k"])
+        except KeyError as exc:
+            raise DataError(f"{where}: 'ood_scores' has no {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{where}: malformed 'ood_scores' ({exc})") from None
+        if (
+            by_class.shape != (n_classes, len(levels))
+            or pooled.shape != (len(levels),)
+            or counts.shape != (n_classes,)
+            or not np.isfinite(by_class).all()
+        ):
+            raise DataError(
+                f"{where}: 'ood_scores' must hold {len(levels)} finite quantiles for each of "
+                f"{n_classes} classes, got by_class {by_class.shape}"
+            )
+        return cls(levels=levels, by_class=by_class, pooled=pooled, counts=counts, k=k)
 
 
 def model_digest(onnx_path: Path) -> str:
@@ -74,6 +180,9 @@ class ReferenceProfile:
     #: Pictures per file format (PNG, JPEG, ...) over the whole split; None: not known
     #: (MNIST and CIFAR-10 arrays have no file format).
     format_counts: dict[str, int] | None = None
+    #: Per-class quantiles of the validation split's OOD scores; None: the profile was
+    #: written before they were recorded, or the model has no OOD detector.
+    ood_scores: OodScoreProfile | None = None
 
     @property
     def class_distribution(self) -> np.ndarray:
@@ -138,6 +247,7 @@ class ReferenceProfile:
             "stats": {k: [round(float(v), 5) for v in vals] for k, vals in self.stats.items()},
             "embeddings_file": EMBEDDINGS_FILE,
             "format_counts": self.format_counts,
+            "ood_scores": None if self.ood_scores is None else self.ood_scores.to_json_dict(),
         }
 
     def save(self, folder: Path) -> Path:
@@ -215,6 +325,7 @@ def build_reference_profile(
     write: bool = True,
     original_sizes: np.ndarray | None = None,
     original_formats: Sequence[str] | None = None,
+    ood_detector: OodDetector | None = None,
 ) -> ReferenceProfile:
     """Run ``export_dir/model.onnx`` over the validation images and profile what it sees.
 
@@ -225,7 +336,9 @@ def build_reference_profile(
     The statistics follow ``spec.kind`` (:func:`~visionops.monitor.stats.image_statistics`);
     ``original_sizes`` (``(N, 2)`` width, height in pixels of the pictures before
     preprocessing, optional) adds the size statistics, ``original_formats`` (``N`` file
-    format names, optional) the format shares. Raises :class:`DataError` for
+    format names, optional) the format shares; ``ood_detector`` (the model's calibrated
+    :class:`visionops.ood.OodDetector`, optional) the per-class quantiles of the split's
+    OOD scores (:class:`OodScoreProfile`, from every image). Raises :class:`DataError` for
     images or sizes of the wrong shape, :class:`ModelError` for a model that does not fit.
     """
     export_dir = Path(export_dir)
@@ -271,6 +384,12 @@ def build_reference_profile(
         # From every image, not the sample: a tail quantile needs all of them.
         atc = atc_threshold(probs[np.arange(len(x)), predicted], accuracy)
 
+    ood_scores = None
+    if ood_detector is not None:
+        ood_scores = OodScoreProfile.from_scores(
+            ood_detector.score(emb), predicted, len(names), ood_detector.k
+        )
+
     rng = np.random.default_rng(seed)
     n = len(x)
     sample = np.sort(rng.choice(n, size=min(n, max_samples), replace=False))
@@ -293,6 +412,7 @@ def build_reference_profile(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         source=str(export_dir / REFERENCE_FILE),
         format_counts=formats,
+        ood_scores=ood_scores,
     )
     if write:
         profile.save(export_dir)
@@ -372,6 +492,12 @@ def load_reference(path: str | Path) -> ReferenceProfile:
         raise DataError(f"{emb_path}: expected a float (M, D) array, got {embeddings.shape}")
     accuracy = raw.get("accuracy")
     atc = raw.get("atc_threshold")
+    ood_raw = raw.get("ood_scores")
+    ood_scores = (
+        None
+        if ood_raw is None
+        else OodScoreProfile.from_json_dict(ood_raw, len(classes), str(json_path))
+    )
     return ReferenceProfile(
         classes=classes,
         n_images=int(raw.get("n_images") or len(confidence)),
@@ -387,6 +513,7 @@ def load_reference(path: str | Path) -> ReferenceProfile:
         created=str(raw.get("created") or ""),
         source=str(json_path),
         format_counts=_format_counts(raw.get("format_counts"), json_path),
+        ood_scores=ood_scores,
     )
 
 

@@ -325,6 +325,21 @@ def _performance_section(perf: PerformanceReport) -> str:
             f'<td class="num">binomial p = {ood.p_value:.2g}</td>'
             f'<td class="num">{_pct(ood.reference)} expected</td></tr>'
         )
+    shift = perf.ood_shift
+    if shift is not None and shift.skipped:
+        rows.append(
+            '<tr id="ood-score-shift"><td>OOD scores above their class\'s '
+            f"{100 * shift.level:g}th percentile (ood_score_shift)</td>"
+            f'<td colspan="3" class="muted">skipped: {_e(shift.skipped)}</td></tr>'
+        )
+    elif shift is not None and shift.rate is not None:
+        rows.append(
+            '<tr id="ood-score-shift"><td>OOD scores above their class\'s '
+            f"{100 * shift.level:g}th percentile (ood_score_shift)</td>"
+            f'<td class="num">{_pct(shift.rate)}</td>'
+            f'<td class="num">binomial p = {shift.p_value:.2g}</td>'
+            f'<td class="num">{_pct(shift.expected)} expected</td></tr>'
+        )
     if rej is not None:
         what = "rejected" if rej.source == "reason" else "low-confidence (not accepted)"
         rows.append(
@@ -338,7 +353,13 @@ def _performance_section(perf: PerformanceReport) -> str:
         + "</table>"
         + f'<p class="muted">The alarm needs a fall of more than '
         f"{100 * perf.min_accuracy_drop:g} points beyond the interval, or a rise of the "
-        f"rejected share of at least {100 * perf.min_rejected_rise:g} points.</p>"
+        f"rejected share of at least {100 * perf.min_rejected_rise:g} points"
+        + (
+            f", or of the OOD-score share of at least {100 * shift.min_rise:g} points"
+            if shift is not None
+            else ""
+        )
+        + ".</p>"
     )
 
 

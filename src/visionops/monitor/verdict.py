@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 from visionops.monitor.drift import DEFAULT_ALPHA, Correction, DriftReport, detect_drift
 from visionops.monitor.performance import (
     MIN_ACCURACY_DROP,
+    MIN_OOD_SHIFT,
     MIN_REJECTED_RISE,
     PerformanceReport,
     assess_performance,
@@ -82,6 +83,7 @@ def assess_window(
     permutations: int = 500,
     min_accuracy_drop: float = MIN_ACCURACY_DROP,
     min_rejected_rise: float = MIN_REJECTED_RISE,
+    min_ood_shift: float = MIN_OOD_SHIFT,
     seed: int = 0,
 ) -> MonitoringVerdict:
     """Drift tests and performance checks of ``window`` against ``reference``.
@@ -104,5 +106,6 @@ def assess_window(
         feedback=feedback,
         min_accuracy_drop=min_accuracy_drop,
         min_rejected_rise=min_rejected_rise,
+        min_ood_shift=min_ood_shift,
     )
     return MonitoringVerdict(drift=drift, performance=performance)

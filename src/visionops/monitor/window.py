@@ -420,8 +420,12 @@ def window_from_arrays(
     created_at: list[datetime] | None = None,
     accepted: np.ndarray | None = None,
     formats: list[str | None] | None = None,
+    ood_scores: np.ndarray | None = None,
 ) -> Window:
-    """A window built in memory (benchmarks, tests): rows as the server would log them."""
+    """A window built in memory (benchmarks, tests): rows as the server would log them.
+
+    ``ood_scores`` float ``(N,)`` are the logged ``ood_score`` values (NaN: none).
+    """
     n = len(labels)
     now = datetime.now(UTC)
     return Window(
@@ -436,4 +440,5 @@ def window_from_arrays(
         embedding_rows=np.arange(len(embeddings), dtype=np.int64),
         accepted=None if accepted is None else np.asarray(accepted, dtype=bool),
         formats=None if formats is None else list(formats),
+        ood_scores=None if ood_scores is None else np.asarray(ood_scores, dtype=np.float64),
     )
