@@ -103,10 +103,10 @@ def edge_density(pixels: np.ndarray) -> np.ndarray:
     if x.ndim != 4:
         raise ValueError(f"expected uint8 (N, H, W, C) pixels, got shape {x.shape}")
     a = x.mean(axis=3, dtype=np.float32) if x.shape[3] > 1 else x[..., 0].astype(np.float32)
-    edges = np.abs(np.diff(a, axis=2)).sum(axis=(1, 2)) + np.abs(np.diff(a, axis=1)).sum(
-        axis=(1, 2)
-    )
-    total = a.sum(axis=(1, 2))
+    flat = a.reshape(len(a), -1)
+    edges = np.abs(a[:, :, 1:] - a[:, :, :-1]).reshape(len(a), -1).sum(axis=1)
+    edges += np.abs(a[:, 1:, :] - a[:, :-1, :]).reshape(len(a), -1).sum(axis=1)
+    total = flat.sum(axis=1)
     return np.where(total > 0, edges / np.maximum(total, _EPS), 0.0).astype(np.float64)
 
 
@@ -178,15 +178,23 @@ def knn_distance(
         raise ValueError("the OOD bank is empty")
     if projection is None:
         # The k-th largest similarity is the k-th nearest neighbour on the unit sphere.
-        top = np.partition(sims, m - kth, axis=1)[:, m - kth]
+        top = _kth_largest(sims, kth)
         return np.sqrt(np.clip(2.0 - 2.0 * top.astype(np.float64), 0.0, 4.0))
     if bank_sq is None:
         raise ValueError("a projected bank needs its squared row norms (bank_sq)")
     # |z - b|^2 = |z|^2 - 2 (z.b - |b|^2 / 2): the nearest rows have the largest bracket.
     sims -= 0.5 * bank_sq
-    top = np.partition(sims, m - kth, axis=1)[:, m - kth].astype(np.float64)
+    top = _kth_largest(sims, kth).astype(np.float64)
     z_sq = np.einsum("nd,nd->n", z, z).astype(np.float64)
     return np.sqrt(np.clip(z_sq - 2.0 * top, 0.0, 4.0))
+
+
+def _kth_largest(a: np.ndarray, k: int) -> np.ndarray:
+    """The k-th largest value of each row of ``a`` (a row maximum for k = 1)."""
+    if k == 1:
+        return a.max(axis=1)
+    m = a.shape[1]
+    return np.partition(a, m - k, axis=1)[:, m - k]
 
 
 def pca_projection(unit_bank: np.ndarray, dims: int) -> tuple[np.ndarray, float]:

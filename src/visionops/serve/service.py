@@ -97,11 +97,16 @@ def rejection_reasons(
     threshold: float,
 ) -> list[Reason | None]:
     """Why each prediction is not accepted, the strongest reason first; None when it is."""
-    far = screen.no_strokes.copy()
+    far = screen.no_strokes
     if ood_scores is not None and model.ood is not None:
-        far |= ood_scores > model.ood.threshold
-    code = np.select([screen.no_ink, far, confidence < threshold], [1, 2, 3], 0)
-    return [_REASON_CODES[c] for c in code.tolist()]
+        far = far | (ood_scores > model.ood.threshold)
+    # Requests hold a few images: plain lists beat np.select's per-call cost here.
+    return [
+        _REASON_CODES[1 if a else 2 if b else 3 if c else 0]
+        for a, b, c in zip(
+            screen.no_ink.tolist(), far.tolist(), (confidence < threshold).tolist(), strict=True
+        )
+    ]
 
 
 def input_data_urls(pixels: np.ndarray) -> list[str]:
