@@ -166,12 +166,12 @@ def knn_distance(
     ``exclude_self`` skips the nearest row (scoring the bank against itself).
     """
     z = l2_normalise(embeddings)
-    if projection is not None:
-        z = z @ projection
-    # One BLAS thread: a (N, D) x (D, M) product this small gains nothing from more, and
-    # BLAS threads waking up beside ONNX Runtime's cost milliseconds on a busy server.
+    # One BLAS thread: products this small gain nothing from more, and OpenBLAS threads
+    # spin for a while after each parallel call: on a busy server they burn a core.
     with _blas_controller().limit(limits=1, user_api="blas"):
-        sims = z @ bank_t  # (N, M): cosine similarities of unit rows
+        if projection is not None:
+            z = z @ projection
+        sims = z @ bank_t  # (N, M): similarities (cosine, for unit rows)
     m = sims.shape[1]
     kth = min(k + int(exclude_self), m)
     if m == 0:
