@@ -305,7 +305,7 @@ class OodParams(StrictModel):
         default=8, ge=0, description="fewer pixels at half ink or more: no_ink (0 = off)"
     )
     dims: int = Field(
-        default=64,
+        default=160,
         ge=0,
         description="principal directions of the bank the distance is taken in (0 = all)",
     )

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ADMIN_TOKEN, MakeClient, wait_ready
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from serve_fixtures import build_tiny_model, digit_png, encode, stroke_image, unit_instance
 
+from conftest import ADMIN_TOKEN, MakeClient, wait_ready
 from visionops.data.transforms import decode_image, image_to_array, normalize
 from visionops.serve.batching import MicroBatcher
 from visionops.serve.model import LoadedModel

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import MakeClient
 from fastapi.testclient import TestClient
 from serve_fixtures import digit_png, encode, stroke_image, unit_instance
+
+from conftest import MakeClient
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "http-api.md"

@@ -16,11 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import MakeClient
 from fastapi.testclient import TestClient
 from PIL import Image
 from serve_fixtures import digit_png, encode, server_process, stroke_image, unit_instance
 
+from conftest import MakeClient
 from visionops.serve.predlog import count_predictions
 
 # Small limits so the oversize cases stay small and fast.

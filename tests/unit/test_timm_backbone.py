@@ -138,8 +138,8 @@ def test_fine_tunes_from_a_checkpoint_exports_with_parity_and_serves(tmp_path: P
     # Served like every model: ONNX Runtime on the exported folder, uploads in, classes out.
     from fastapi.testclient import TestClient
 
-    from visionops.config import ServeParams
     from visionops.artifacts import open_session, predict_probabilities
+    from visionops.config import ServeParams
     from visionops.serve.app import create_app
     from visionops.serve.service import ServeSettings
 

@@ -33,7 +33,9 @@ The steps, each with a reason:
 
 Small clean images (the size of the model input, ink bright on a black border: MNIST
 itself, a canvas already scaled down by the client) take a fast path: steps 2–5 are
-skipped, so MNIST digits pass through unchanged.
+skipped, so MNIST digits pass through unchanged. Larger noise-free drawings (a 280 px
+canvas; half the ink map exactly 0) run steps 2–4 on a copy of at most
+:data:`CLEAN_WORK_SIDE` px; step 5 reads the full image as for any other.
 
 Image library: :mod:`scipy.ndimage`. SciPy is already a dependency of the serving install
 (scikit-learn needs it), so no new binary wheel enters the image; it has every operation
@@ -58,6 +60,13 @@ from PIL import Image
 MNIST_STROKE_WIDTH = (1.34, 1.96, 3.0)
 #: Longest side the whole image is analysed at (stage A); larger images are area-averaged.
 WORK_SIDE = 512
+#: Noise-free images (at least ``CLEAN_ZERO_SHARE`` of the pixels exactly 0 in the ink
+#: map: drawings, ink read from alpha) are analysed at this longest side instead, shrunk
+#: by at most ``CLEAN_MAX_REDUCTION``: a 280 px canvas at 128 px finds the same box and
+#: strokes at a fifth of the cost (the box is re-read from the full image either way).
+CLEAN_WORK_SIDE = 128
+CLEAN_MAX_REDUCTION = 2.5
+CLEAN_ZERO_SHARE = 0.5
 #: Longest side of the low-resolution copy the background is estimated on.
 BACKGROUND_SIDE = 64
 #: The digit is re-rendered at this multiple of ``digit_box`` before the final fit.
@@ -611,6 +620,9 @@ def digit_to_mnist(img: Image.Image, image_size: int, digit_box: int, invert: st
         return center_digit(gray, image_size, digit_box)  # fast path: MNIST-like already
 
     scale = min(1.0, WORK_SIDE / max(h, w))
+    if _noise_free(gray):
+        # Nothing to tell ink from but zero: a smaller copy finds the same digit.
+        scale = min(scale, max(CLEAN_WORK_SIDE / max(h, w), 1.0 / CLEAN_MAX_REDUCTION))
     work_size = (max(1, round(w * scale)), max(1, round(h * scale)))
     work = gray if scale == 1.0 else _resize(gray, work_size)
     found = _find_digit(work)
@@ -643,6 +655,12 @@ def digit_to_mnist(img: Image.Image, image_size: int, digit_box: int, invert: st
     ink = _fill_outline(ink, side)
     ink = _normalise_width(ink, px_per_28=side / digit_box)
     return center_digit(ink * 255.0, image_size, digit_box, Image.Resampling.BOX, 0.0)
+
+
+def _noise_free(gray: np.ndarray) -> bool:
+    """Most of the image is exactly zero: a drawing (a canvas, ink read from alpha, a
+    digital picture on a flat colour), with no paper, grain or light to remove."""
+    return bool(np.count_nonzero(gray) <= (1.0 - CLEAN_ZERO_SHARE) * gray.size)
 
 
 def _clean(gray: np.ndarray) -> bool:
