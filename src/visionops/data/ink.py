@@ -466,12 +466,15 @@ def _remove_ruled_lines(
     return mask, cut
 
 
-def _find_digit(gray: np.ndarray) -> _Found | None:
-    """Stage A on the ink-bright image (≤ ``WORK_SIDE`` px): background, ink, components."""
+def _find_digit(gray: np.ndarray, noise_free: bool = False) -> _Found | None:
+    """Stage A on the ink-bright image (≤ ``WORK_SIDE`` px): background, ink, components.
+
+    ``noise_free`` (:func:`_noise_free`): the background is zero, nothing to estimate.
+    """
     from scipy import ndimage as ndi
 
     h, w = gray.shape
-    bg = _background(gray)
+    bg = np.zeros_like(gray) if noise_free else _background(gray)
     ink = np.clip(gray - bg, 0.0, None)
     floor, threshold = _ink_threshold(ink)
     # Ink stands out: by a tenth of the image's own range at least (the residue a light
@@ -620,12 +623,13 @@ def digit_to_mnist(img: Image.Image, image_size: int, digit_box: int, invert: st
         return center_digit(gray, image_size, digit_box)  # fast path: MNIST-like already
 
     scale = min(1.0, WORK_SIDE / max(h, w))
-    if _noise_free(gray):
+    noise_free = _noise_free(gray)
+    if noise_free:
         # Nothing to tell ink from but zero: a smaller copy finds the same digit.
         scale = min(scale, max(CLEAN_WORK_SIDE / max(h, w), 1.0 / CLEAN_MAX_REDUCTION))
     work_size = (max(1, round(w * scale)), max(1, round(h * scale)))
     work = gray if scale == 1.0 else _resize(gray, work_size)
-    found = _find_digit(work)
+    found = _find_digit(work, noise_free)
     if found is None:
         return np.zeros((image_size, image_size), dtype=np.float32)
     wh, ww = work.shape
