@@ -48,6 +48,7 @@ here, is a ten-line histogram computation (:func:`otsu_threshold`).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -257,6 +258,14 @@ def _shift(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
 # --------------------------------------------------------------------------- MNIST box
 
 
+@functools.cache
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices of a ``(size, size)`` canvas (``np.indices``), read-only."""
+    ys, xs = np.indices((size, size))
+    ys.flags.writeable = xs.flags.writeable = False
+    return ys, xs
+
+
 def center_digit(
     ink: np.ndarray,
     image_size: int,
@@ -275,7 +284,9 @@ def center_digit(
     """
     canvas = np.zeros((image_size, image_size), dtype=np.float32)
     if background is None:
-        background = float(np.median(_border(ink)))
+        border = _border(ink)
+        # A black frame (MNIST, canvases) has median 0 without sorting it.
+        background = float(np.median(border)) if border.any() else 0.0
     peak = float(ink.max()) if ink.size else 0.0
     if peak - background < _MIN_CONTRAST:
         return canvas  # blank image: nothing to centre
@@ -304,7 +315,7 @@ def center_digit(
     total = float(canvas.sum())
     if total <= 0.0:
         return canvas
-    ys, xs = np.indices(canvas.shape)
+    ys, xs = _grid(image_size)
     cy, cx = float((ys * canvas).sum()) / total, float((xs * canvas).sum()) / total
     centre = image_size / 2.0
     dy, dx = round(centre - cy), round(centre - cx)
