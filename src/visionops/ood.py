@@ -321,17 +321,11 @@ class OodDetector:
                 "min_edge_density >= 0"
             )
         bank_path = Path(folder) / str(entry.get("bank_file") or BANK_FILE)
-        try:
-            bank = np.load(bank_path, allow_pickle=False)
-        except FileNotFoundError:
-            raise ModelError(f"{bank_path} not found (named by {where} ood.bank_file)") from None
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{bank_path}: unreadable OOD bank ({exc})") from None
-        if bank.ndim != 2 or bank.shape[0] < 1 or not np.issubdtype(bank.dtype, np.floating):
-            raise ModelError(f"{bank_path}: expected a float (M, D) array, got {bank.shape}")
+        bank = _load_matrix(bank_path, "bank_file", "OOD bank", where)
         projection = None
         if entry.get("projection_file"):
-            projection = _load_projection(Path(folder) / str(entry["projection_file"]), where)
+            path = Path(folder) / str(entry["projection_file"])
+            projection = _load_matrix(path, "projection_file", "OOD projection", where)
             if projection.shape[1] != bank.shape[1]:
                 raise ModelError(
                     f"{bank_path}: bank rows have {bank.shape[1]} values, the projection "
@@ -342,7 +336,7 @@ class OodDetector:
             k=k,
             threshold=threshold,
             false_rejection_rate=frr,
-            bank=bank.astype(np.float32, copy=False),
+            bank=bank,
             min_ink_pixels=min_ink,
             min_edge_density=min_edge,
             calibration=dict(calibration) if isinstance(calibration, Mapping) else {},
@@ -350,22 +344,23 @@ class OodDetector:
         )
 
 
-def _load_projection(path: Path, where: Path) -> np.ndarray:
-    """The float32 ``(D, d)`` projection at ``path``; :class:`ModelError` otherwise."""
+def _load_matrix(path: Path, key: str, what: str, where: Path) -> np.ndarray:
+    """The finite float ``(rows, columns)`` array at ``path`` (``np.load`` without pickle)
+    as float32; :class:`ModelError` naming the file, and ``where``'s ``ood.key``, otherwise."""
     try:
-        projection = np.load(path, allow_pickle=False)
+        a = np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        raise ModelError(f"{path} not found (named by {where} ood.projection_file)") from None
+        raise ModelError(f"{path} not found (named by {where} ood.{key})") from None
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: unreadable OOD projection ({exc})") from None
+        raise ModelError(f"{path}: unreadable {what} ({exc})") from None
     if (
-        projection.ndim != 2
-        or min(projection.shape) < 1
-        or not np.issubdtype(projection.dtype, np.floating)
-        or not np.all(np.isfinite(projection))
+        a.ndim != 2
+        or min(a.shape) < 1
+        or not np.issubdtype(a.dtype, np.floating)
+        or not np.all(np.isfinite(a))
     ):
-        raise ModelError(f"{path}: expected a finite float (D, d) array, got {projection.shape}")
-    return projection.astype(np.float32, copy=False)
+        raise ModelError(f"{path}: expected a finite float (rows, columns) array, got {a.shape}")
+    return a.astype(np.float32, copy=False)
 
 
 def calibrate(

@@ -34,6 +34,7 @@ from visionops.serve.middleware import (
     new_request_id,
     record_request,
     refuse_too_large,
+    send_json_bytes,
 )
 from visionops.serve.routes import PREDICT_ROUTE, predict_answer
 from visionops.serve.schemas import error_body
@@ -94,7 +95,7 @@ class PredictEndpoint:
                 content_type, query = self._request_head(scope)
                 body = await self._read_body(receive)
                 answer = await predict_answer(self.service, body, content_type, query, request_id)
-                await _respond(send_with_context, 200, answer, [])
+                await send_json_bytes(send_with_context, 200, answer, [])
             except _TooLarge as exc:
                 await refuse_too_large(
                     scope, receive, send_with_context, self.max_bytes, exc.body_ended
@@ -108,7 +109,7 @@ class PredictEndpoint:
             log.exception("unhandled error on POST %s (request %s)", PREDICT_PATH, request_id)
             if not started:
                 body = orjson.dumps(internal_error_body(request_id))
-                await _respond(send_with_context, 500, body, [])
+                await send_json_bytes(send_with_context, 500, body, [])
         finally:
             record_request(self.metrics, scope, status, time.perf_counter() - start, request_id)
 
@@ -156,24 +157,7 @@ class PredictEndpoint:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _respond(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
-) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
 async def _respond_error(
     send: Send, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]]
 ) -> None:
-    await _respond(send, status, orjson.dumps(error_body(code, message)), headers)
+    await send_json_bytes(send, status, orjson.dumps(error_body(code, message)), headers)

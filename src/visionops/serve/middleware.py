@@ -35,7 +35,12 @@ class BodyTooLargeError(Exception):
 
 
 async def send_json(send: Send, status: int, body: dict[str, Any], headers: list[Any]) -> None:
-    payload = json.dumps(body).encode()
+    """Answer ``body`` as JSON with ``status`` and the extra ``headers``."""
+    await send_json_bytes(send, status, json.dumps(body).encode(), headers)
+
+
+async def send_json_bytes(send: Send, status: int, payload: bytes, headers: list[Any]) -> None:
+    """Answer the already encoded JSON ``payload`` with ``status`` and ``headers``."""
     await send(
         {
             "type": "http.response.start",
