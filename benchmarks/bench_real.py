@@ -31,11 +31,9 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
@@ -43,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_serve import free_port, wait_ready
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,26 +53,6 @@ THUMB = 84
 
 
 # --------------------------------------------------------------------------- server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode} before ready")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            time.sleep(0.5)
-    raise RuntimeError(f"{url} not ready after {timeout} s")
 
 
 def predict(base: str, name: str, data: bytes) -> dict[str, Any]:
@@ -257,7 +236,7 @@ def main() -> None:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base + "/readyz", proc)
+        wait_ready(base + "/readyz", proc=proc)
         digit_preds = [predict(base, f, data) for f, _, _, _, data in digits]
         other_preds = [predict(base, name, data) for _, name, data in others]
     finally:

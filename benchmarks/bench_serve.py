@@ -59,9 +59,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_ready(url: str, timeout: float = 120.0) -> None:
+def wait_ready(
+    url: str, timeout: float = 120.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Poll ``url`` until it answers 200; RuntimeError after ``timeout`` s or when ``proc``
+    (the server, if given) exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode} before ready")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
