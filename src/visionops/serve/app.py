@@ -217,7 +217,9 @@ def run_server(
 ) -> None:
     """Load the model (failing fast on a bad URI) and serve it with uvicorn until stopped.
 
-    ``workers`` > 1 runs that many processes on one port (uvicorn's supervisor), each
+    ``workers`` > 1 runs that many processes on one port
+    (:class:`~visionops.serve.supervisor.Supervisor`: one ``SO_REUSEPORT`` socket per
+    worker; uvicorn's supervisor where the platform lacks it), each
     with ``threads`` (default: usable cores / workers) ONNX Runtime threads. Registry
     URIs are resolved in a child process, so no server process keeps MLflow loaded.
     SIGINT/SIGTERM shut down gracefully: in-flight requests finish, queued predictions
@@ -229,6 +231,7 @@ def run_server(
     import uvicorn
 
     from visionops.serve.model import default_threads, load_model, resolve_model_uri
+    from visionops.serve.supervisor import Supervisor, reuse_port_supported
 
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1 (got {workers})")
@@ -279,9 +282,12 @@ def run_server(
                 "access_log": access_log,
             }
         )
-        uvicorn.run(
-            "visionops.serve.app:create_worker_app", factory=True, workers=workers, **common
-        )
+        app = "visionops.serve.app:create_worker_app"
+        if reuse_port_supported():  # each worker on its own socket: an even share each
+            config = {"app": app, "factory": True, **common}
+            Supervisor(host, port, workers, config, graceful_seconds=40.0).run()
+        else:
+            uvicorn.run(app, factory=True, workers=workers, **common)
 
 
 __all__ = ["ServeSettings", "create_app", "create_worker_app", "run_server"]

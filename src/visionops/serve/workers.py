@@ -5,7 +5,7 @@ stopped. It holds
 
 - ``model.json`` — the model every worker must serve (folder, name, version, alias) and
   its *generation*, raised by each successful reload. A worker starting (or restarted by
-  uvicorn's supervisor) loads what it names; running workers poll its modification time
+  the supervisor) loads what it names; running workers poll its modification time
   (one ``stat`` every :data:`POLL_SECONDS`) and load a newer generation from the folder,
   so ``POST /v1/admin/reload`` answered by any worker reaches every worker;
 - ``workers/<pid>`` — the generation each live worker serves (its acknowledgement);
