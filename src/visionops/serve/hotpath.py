@@ -23,15 +23,14 @@ import time
 from urllib.parse import parse_qsl
 
 import orjson
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from visionops.errors import VisionOpsError
 from visionops.serve.inputs import ApiError
 from visionops.serve.metrics import ServeMetrics
 from visionops.serve.middleware import (
-    context_headers,
+    begin_request,
     internal_error_body,
-    new_request_id,
     record_request,
     refuse_too_large,
     send_json_bytes,
@@ -75,20 +74,8 @@ class PredictEndpoint:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        request_id = new_request_id(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
+        request_id, send_with_context = begin_request(scope, send)
         scope["route"] = PREDICT_ROUTE  # the metrics' route label, as FastAPI's routing sets
-        extra = context_headers(request_id)
-        status = 500
-        started = False
-
-        async def send_with_context(message: Message) -> None:
-            nonlocal status, started
-            if message["type"] == "http.response.start":
-                started = True
-                status = int(message["status"])
-                message["headers"] = [*message.get("headers", []), *extra]
-            await send(message)
 
         try:
             try:
@@ -107,11 +94,12 @@ class PredictEndpoint:
                 await _respond_error(send_with_context, 400, "bad_request", str(exc), [])
         except Exception:
             log.exception("unhandled error on POST %s (request %s)", PREDICT_PATH, request_id)
-            if not started:
+            if not send_with_context.started:
                 body = orjson.dumps(internal_error_body(request_id))
                 await send_json_bytes(send_with_context, 500, body, [])
         finally:
-            record_request(self.metrics, scope, status, time.perf_counter() - start, request_id)
+            elapsed = time.perf_counter() - start
+            record_request(self.metrics, scope, send_with_context.status, elapsed, request_id)
 
     def _request_head(self, scope: Scope) -> tuple[str, str | None]:
         """Content type and the ``return_input`` query value (None when absent);

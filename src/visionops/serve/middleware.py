@@ -71,6 +71,31 @@ def context_headers(request_id: str) -> list[tuple[bytes, bytes]]:
     return [(b"x-request-id", request_id.encode()), (b"x-content-type-options", b"nosniff")]
 
 
+class ContextSend:
+    """An ASGI ``send`` that adds the request's context headers to the response and
+    remembers its status (500 until a response starts)."""
+
+    def __init__(self, send: Send, request_id: str) -> None:
+        self._send = send
+        self._extra = context_headers(request_id)
+        self.status = 500
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            self.status = int(message["status"])
+            message = {**message, "headers": [*message.get("headers", []), *self._extra]}
+        await self._send(message)
+
+
+def begin_request(scope: Scope, send: Send) -> tuple[str, ContextSend]:
+    """Give the request its id (in ``scope["state"]``) and a ``send`` adding its headers."""
+    request_id = new_request_id(scope)
+    scope.setdefault("state", {})["request_id"] = request_id
+    return request_id, ContextSend(send, request_id)
+
+
 def record_request(
     metrics: ServeMetrics, scope: Scope, status: int, elapsed: float, request_id: str
 ) -> None:
@@ -105,31 +130,19 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = new_request_id(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
-        extra = context_headers(request_id)
-        status = 500
-        started = False
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status, started
-            if message["type"] == "http.response.start":
-                started = True
-                status = int(message["status"])
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
-            await send(message)
-
         start = time.perf_counter()
+        request_id, send_wrapper = begin_request(scope, send)
         try:
             await self.app(scope, receive, send_wrapper)
         except Exception:
             log.exception(
                 "unhandled error on %s %s (request %s)", scope["method"], scope["path"], request_id
             )
-            if not started:
+            if not send_wrapper.started:
                 await send_json(send_wrapper, 500, internal_error_body(request_id), [])
         finally:
-            record_request(self.metrics, scope, status, time.perf_counter() - start, request_id)
+            elapsed = time.perf_counter() - start
+            record_request(self.metrics, scope, send_wrapper.status, elapsed, request_id)
 
 
 def internal_error_body(request_id: str) -> dict[str, Any]:
