@@ -27,7 +27,7 @@ from starlette.types import ASGIApp
 
 from visionops import __version__
 from visionops.errors import ConfigError, VisionOpsError
-from visionops.serve.inputs import ApiError
+from visionops.serve.inputs import ApiError, client_error
 from visionops.serve.metrics import ServeMetrics, mark_process_dead
 from visionops.serve.middleware import (
     ACCESS_LOGGER,
@@ -56,9 +56,9 @@ _HTTP_CODES = {
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    async def api_error(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, ApiError)
-        return JSONResponse(error_body(exc.code, exc.message), exc.status, headers=exc.headers)
+    async def input_error(_: Request, exc: Exception) -> JSONResponse:
+        status, body, headers = client_error(exc)
+        return JSONResponse(body, status, headers=headers)
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -71,14 +71,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         where = ".".join(str(p) for p in first.get("loc", ())) or "request"
         return JSONResponse(error_body("invalid_request", f"{where}: {first['msg']}"), 422)
 
-    async def project_error(_: Request, exc: Exception) -> JSONResponse:
-        # A VisionOpsError reaching here was caused by input; say what, as a 400.
-        return JSONResponse(error_body("bad_request", str(exc)), 400)
-
-    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(ApiError, input_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(VisionOpsError, project_error)
+    app.add_exception_handler(VisionOpsError, input_error)
 
 
 def _install_openapi(app: FastAPI) -> None:

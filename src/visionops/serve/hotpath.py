@@ -26,27 +26,25 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from visionops.errors import VisionOpsError
-from visionops.serve.inputs import ApiError
+from visionops.serve.inputs import ApiError, client_error
 from visionops.serve.metrics import ServeMetrics
 from visionops.serve.middleware import (
+    INVALID_LENGTH,
+    BodyTooLargeError,
     begin_request,
+    declared_too_large,
     internal_error_body,
     record_request,
     refuse_too_large,
+    request_header,
     send_json_bytes,
 )
 from visionops.serve.routes import PREDICT_ROUTE, predict_answer
-from visionops.serve.schemas import error_body
 from visionops.serve.service import PredictionService
 
 log = logging.getLogger(__name__)
 
 PREDICT_PATH = "/v1/predict"
-
-
-class _TooLarge(Exception):
-    def __init__(self, body_ended: bool) -> None:
-        self.body_ended = body_ended
 
 
 class PredictEndpoint:
@@ -83,15 +81,14 @@ class PredictEndpoint:
                 body = await self._read_body(receive)
                 answer = await predict_answer(self.service, body, content_type, query, request_id)
                 await send_json_bytes(send_with_context, 200, answer, [])
-            except _TooLarge as exc:
+            except BodyTooLargeError as exc:
                 await refuse_too_large(
                     scope, receive, send_with_context, self.max_bytes, exc.body_ended
                 )
-            except ApiError as exc:
-                headers = [(k.lower().encode(), v.encode()) for k, v in (exc.headers or {}).items()]
-                await _respond_error(send_with_context, exc.status, exc.code, exc.message, headers)
-            except VisionOpsError as exc:  # caused by the input: say what, as a 400
-                await _respond_error(send_with_context, 400, "bad_request", str(exc), [])
+            except (ApiError, VisionOpsError) as exc:  # the app's exception handlers' answer
+                status, error, extra = client_error(exc)
+                headers = [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
+                await send_json_bytes(send_with_context, status, orjson.dumps(error), headers)
         except Exception:
             log.exception("unhandled error on POST %s (request %s)", PREDICT_PATH, request_id)
             if not send_with_context.started:
@@ -103,31 +100,22 @@ class PredictEndpoint:
 
     def _request_head(self, scope: Scope) -> tuple[str, str | None]:
         """Content type and the ``return_input`` query value (None when absent);
-        raises :class:`_TooLarge` on a declared Content-Length over the limit and
+        raises :class:`BodyTooLargeError` on a declared Content-Length over the limit and
         :class:`ApiError` 400 on an invalid one."""
-        content_type = ""
-        declared = None
-        for key, value in scope["headers"]:
-            k = key.lower()
-            if k == b"content-type":
-                content_type = value.decode("latin-1")
-            elif k == b"content-length":
-                declared = value
-        if declared is not None:
-            try:
-                too_big = int(declared) > self.max_bytes
-            except ValueError:
-                raise ApiError(400, "bad_request", "invalid Content-Length header") from None
-            if too_big:
-                raise _TooLarge(body_ended=False)
+        try:
+            too_big = declared_too_large(scope, self.max_bytes)
+        except ValueError:
+            raise ApiError(400, "bad_request", INVALID_LENGTH) from None
+        if too_big:
+            raise BodyTooLargeError(self.max_bytes)
         query = None
         if scope.get("query_string"):
             params = dict(parse_qsl(scope["query_string"].decode("latin-1"), True))
             query = params.get("return_input")
-        return content_type, query
+        return request_header(scope, "content-type") or "", query
 
     async def _read_body(self, receive: Receive) -> bytes:
-        """The whole request body; :class:`_TooLarge` once it passes the limit."""
+        """The whole request body; :class:`BodyTooLargeError` once it passes the limit."""
         chunks: list[bytes] = []
         received = 0
         while True:
@@ -138,14 +126,8 @@ class PredictEndpoint:
             received += len(chunk)
             more = bool(message.get("more_body", False))
             if received > self.max_bytes:
-                raise _TooLarge(body_ended=not more)
+                raise BodyTooLargeError(self.max_bytes, body_ended=not more)
             if chunk:
                 chunks.append(chunk)
             if not more:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def _respond_error(
-    send: Send, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]]
-) -> None:
-    await send_json_bytes(send, status, orjson.dumps(error_body(code, message)), headers)

@@ -25,7 +25,7 @@ from visionops.data.transforms import (
     image_to_array,
 )
 from visionops.errors import DataError
-from visionops.serve.schemas import PredictRequest
+from visionops.serve.schemas import PredictRequest, error_body
 
 FILES_FIELD = "files"
 FILES_FIELD_BYTES = FILES_FIELD.encode()
@@ -62,6 +62,15 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = headers
+
+
+def client_error(exc: Exception) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+    """Status, JSON body and headers of the answer to a client's mistake: an
+    :class:`ApiError` as it says; any other :class:`~visionops.errors.VisionOpsError`
+    reaching an endpoint was caused by the input, a 400 ``bad_request`` naming it."""
+    if isinstance(exc, ApiError):
+        return exc.status, error_body(exc.code, exc.message), exc.headers
+    return 400, error_body("bad_request", str(exc)), None
 
 
 @dataclass(frozen=True)

@@ -23,15 +23,27 @@ ACCESS_LOGGER = "visionops.serve.access"
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 REQUEST_ID_HEADER = "x-request-id"
+INVALID_LENGTH = "invalid Content-Length header"
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 class BodyTooLargeError(Exception):
-    """The request body exceeds the configured limit (raised while streaming it)."""
+    """The request body exceeds the configured limit (raised while streaming it).
 
-    def __init__(self, limit: int) -> None:
+    ``body_ended``: the client has sent its whole body (nothing is left to discard).
+    """
+
+    def __init__(self, limit: int, body_ended: bool = False) -> None:
         super().__init__(f"request body exceeds the limit of {limit} bytes")
         self.limit = limit
+        self.body_ended = body_ended
+
+
+def declared_too_large(scope: Scope, max_bytes: int) -> bool:
+    """Whether the request's Content-Length declares more than ``max_bytes`` (False when
+    it declares none); ValueError when the header is not a number."""
+    declared = request_header(scope, "content-length")
+    return declared is not None and int(declared) > max_bytes
 
 
 async def send_json(send: Send, status: int, body: dict[str, Any], headers: list[Any]) -> None:
@@ -62,7 +74,7 @@ def request_id_of(scope: Scope) -> str:
 
 def new_request_id(scope: Scope) -> str:
     """The client's ``X-Request-ID`` when it is a safe token, else a fresh uuid4 hex."""
-    incoming = _header(scope, REQUEST_ID_HEADER)
+    incoming = request_header(scope, REQUEST_ID_HEADER)
     return incoming if incoming and _CLIENT_ID.match(incoming) else uuid.uuid4().hex
 
 
@@ -161,18 +173,14 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _header(scope, "content-length")
-        if declared is not None:
-            try:
-                too_big = int(declared) > self.max_bytes
-            except ValueError:
-                await send_json(
-                    send, 400, error_body("bad_request", "invalid Content-Length header"), []
-                )
-                return
-            if too_big:
-                await self._refuse(scope, receive, send)
-                return
+        try:
+            too_big = declared_too_large(scope, self.max_bytes)
+        except ValueError:
+            await send_json(send, 400, error_body("bad_request", INVALID_LENGTH), [])
+            return
+        if too_big:
+            await self._refuse(scope, receive, send)
+            return
 
         received = 0
         started = False
@@ -218,7 +226,7 @@ async def refuse_too_large(
     that asked ``Expect: 100-continue`` has sent nothing yet and is answered at once.
     ``send`` is expected to add the request-context headers.
     """
-    expect = (_header(scope, "expect") or "").lower()
+    expect = (request_header(scope, "expect") or "").lower()
     if expect != "100-continue" and not body_ended:
         await _discard_body(receive, discard_limit(max_bytes))
     message = f"request body exceeds the limit of {max_bytes} bytes (serve.max_body_bytes)"
@@ -249,7 +257,8 @@ async def _discard_body(receive: Receive, limit: int) -> bool:
     return False
 
 
-def _header(scope: Scope, name: str) -> str | None:
+def request_header(scope: Scope, name: str) -> str | None:
+    """The value of header ``name`` (lower case) of the request, or None."""
     key = name.encode()
     for k, v in scope.get("headers", []):
         if k.lower() == key:
