@@ -34,8 +34,9 @@ The steps, each with a reason:
 Small clean images (the size of the model input, ink bright on a black border: MNIST
 itself, a canvas already scaled down by the client) take a fast path: steps 2–5 are
 skipped, so MNIST digits pass through unchanged. Larger noise-free drawings (a 280 px
-canvas; half the ink map exactly 0) run steps 2–4 on a copy of at most
-:data:`CLEAN_WORK_SIDE` px; step 5 reads the full image as for any other.
+canvas; half the ink map exactly 0) skip step 2 (their background is 0) and run steps
+3–4 on a copy of at most :data:`CLEAN_WORK_SIDE` px; step 5 reads the full image as for
+any other.
 
 Image library: :mod:`scipy.ndimage`. SciPy is already a dependency of the serving install
 (scikit-learn needs it), so no new binary wheel enters the image; it has every operation
