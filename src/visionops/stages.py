@@ -26,30 +26,23 @@ from pydantic import BaseModel
 from visionops.config import Params, parse_override
 from visionops.errors import ConfigError
 
+# What ingest reads to load the source; validate reads the source again when these (or
+# an image folder) changed since ingest.
+_SOURCE_PARAMS = (
+    "seed",
+    "data.source",
+    "data.path",
+    "data.image_size",
+    "data.channels",
+    "data.natural_size",
+    "data.test_fraction",
+)
+
 #: The params each DVC stage reads (``dvc.yaml`` declares exactly these).
 STAGE_PARAMS: Mapping[str, tuple[str, ...]] = {
-    "ingest": (
-        "seed",
-        "data.source",
-        "data.path",
-        "data.image_size",
-        "data.channels",
-        "data.natural_size",
-        "data.test_fraction",
-        "data.extra_path",
-        "preprocess",
-        "serve.max_pixels",
-    ),
-    # Ingest's params too: validate reads the source again when they (or an image folder)
-    # changed since ingest.
+    "ingest": (*_SOURCE_PARAMS, "data.extra_path", "preprocess", "serve.max_pixels"),
     "validate": (
-        "seed",
-        "data.source",
-        "data.path",
-        "data.image_size",
-        "data.channels",
-        "data.natural_size",
-        "data.test_fraction",
+        *_SOURCE_PARAMS,
         "data.max_class_imbalance",
         "preprocess",
         "serve.max_pixels",
