@@ -93,61 +93,49 @@ class MonitoringMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.score = Gauge(
+        def gauge(name: str, documentation: str, labels: tuple[str, ...] = ()) -> Gauge:
+            # The most recent check wins across worker processes.
+            return Gauge(
+                name, documentation, labels, registry=registry, multiprocess_mode="mostrecent"
+            )
+
+        self.score = gauge(
             "visionops_drift_score",
             "Largest drift test score of the last checked window (>= 1 means drift).",
-            registry=registry,
-            multiprocess_mode="mostrecent",
         )
-        self.detected = Gauge(
+        self.detected = gauge(
             "visionops_drift_detected",
             "1 when the last checked window drifted.",
-            registry=registry,
-            multiprocess_mode="mostrecent",
         )
-        self.window_size = Gauge(
+        self.window_size = gauge(
             "visionops_drift_window_size",
             "Predictions in the last checked window.",
-            registry=registry,
-            multiprocess_mode="mostrecent",
         )
-        self.alarm = Gauge(
+        self.alarm = gauge(
             "visionops_monitoring_alarm",
             "1 when the last checked window puts the model's performance at risk.",
-            registry=registry,
-            multiprocess_mode="mostrecent",
         )
-        self.estimated_accuracy = Gauge(
+        self.estimated_accuracy = gauge(
             "visionops_estimated_accuracy",
             "Estimated accuracy (no labels) of the last checked window (bound: low/value/high).",
-            ["bound"],
-            registry=registry,
-            multiprocess_mode="mostrecent",
+            ("bound",),
         )
-        self.reference_accuracy = Gauge(
+        self.reference_accuracy = gauge(
             "visionops_reference_accuracy",
             "Accuracy of the reference (validation split) the estimate is compared with.",
-            registry=registry,
-            multiprocess_mode="mostrecent",
         )
-        self.realised_accuracy = Gauge(
+        self.realised_accuracy = gauge(
             "visionops_realised_accuracy",
             "Accuracy over the labelled predictions of the last checked window.",
-            registry=registry,
-            multiprocess_mode="mostrecent",
         )
-        self.labelled = Gauge(
+        self.labelled = gauge(
             "visionops_labelled_predictions",
             "Predictions of the last checked window that received a true label.",
-            registry=registry,
-            multiprocess_mode="mostrecent",
         )
-        self.p_value = Gauge(
+        self.p_value = gauge(
             "visionops_drift_test_p_value",
             "p-value of each drift test on the last checked window.",
-            ["test"],
-            registry=registry,
-            multiprocess_mode="mostrecent",
+            ("test",),
         )
         self.feedback = Counter(
             "visionops_feedback",
