@@ -153,6 +153,17 @@ def test_mnist_digits_are_rejected_at_the_calibrated_rate(
         assert (p["reason"] == "out_of_distribution") == (p["ood_score"] > threshold)
 
 
+def test_served_scores_come_from_onnx_runtime_and_match_numpy(
+    ood_model_dir: Path, mnist: tuple[np.ndarray, np.ndarray]
+) -> None:
+    model = load_model(ResolvedModel(ood_model_dir, None, None, None), threads=1)
+    assert model.ood is not None and model.ood_session is not None
+    x = normalize(mnist[0][1000:1016], model.spec)
+    probs, emb, scores = model.infer(x)
+    assert scores is not None and scores.shape == (16,)
+    np.testing.assert_allclose(scores, model.ood.score(emb), atol=1e-5)
+
+
 def test_smooth_fields_are_out_of_distribution(serve: Any, ood_model_dir: Path) -> None:
     client = serve(ood_model_dir)
     r = client.post("/v1/predict", json={"instances": [_ramp()]})

@@ -299,6 +299,26 @@ def test_projected_detector_calibrates_saves_and_loads(tmp_path: Path) -> None:
         OodDetector.load(tmp_path, {"ood": entry})
 
 
+@pytest.mark.parametrize(("dims", "k"), [(0, 1), (0, 3), (12, 1), (12, 4)])
+def test_onnx_runtime_graph_scores_as_numpy_does(dims: int, k: int) -> None:
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(11)
+    det = calibrate(_clusters(rng, 600), _clusters(rng, 800), 0.01, k=k, dims=dims)
+    session = ort.InferenceSession(det.knn_onnx(), providers=["CPUExecutionProvider"])
+    # In-distribution rows, foreign rows and a zero row (normalised to zero, not NaN).
+    q = np.vstack([_clusters(rng, 40), rng.normal(size=(20, 32)) * 3.0 - 4.0, np.zeros((1, 32))])
+    want = det.score(q)
+    got = det.score_from_graph(l2_normalise(q), session)
+    assert got.shape == want.shape == (61,) and got.dtype == np.float64
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert (det.is_out(got) == det.is_out(want)).all() and det.is_out(got)[40:60].all()
+    # k-th, not nearest: with k > 1 the scores are larger than the 1-NN distances.
+    if k > 1:
+        nearest = knn_distance(q, det._bank_t, 1, projection=det.projection, bank_sq=det._bank_sq)
+        assert (got[:60] > nearest[:60]).all()
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
