@@ -159,7 +159,7 @@ def test_served_scores_come_from_onnx_runtime_and_match_numpy(
     model = load_model(ResolvedModel(ood_model_dir, None, None, None), threads=1)
     assert model.ood is not None and model.ood_session is not None
     x = normalize(mnist[0][1000:1016], model.spec)
-    probs, emb, scores = model.infer(x)
+    _, emb, scores = model.infer(x)
     assert scores is not None and scores.shape == (16,)
     np.testing.assert_allclose(scores, model.ood.score(emb), atol=1e-5)
 

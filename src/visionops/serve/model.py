@@ -253,9 +253,7 @@ def load_model(source: ResolvedModel, threads: int | None = None) -> LoadedModel
     else:
         log.warning("%s has no 'ood' entry: no out-of-distribution rejection", meta_path)
     log.info("loaded model %s version %s from %s", model.name, model.version, folder)
-    return replace(
-        model, embedding_dim=int(emb.shape[1]), ood=ood, ood_session=ood_session
-    )
+    return replace(model, embedding_dim=int(emb.shape[1]), ood=ood, ood_session=ood_session)
 
 
 def load_from_uri(uri: str, threads: int | None = None, isolated: bool = False) -> LoadedModel:
