@@ -22,8 +22,9 @@ from serve_fixtures import build_tiny_model, digit_png, encode, stroke_image, un
 
 from conftest import ADMIN_TOKEN, MakeClient, wait_ready
 from visionops.data.transforms import decode_image, image_to_array, normalize
+from visionops.ood import screen_pixels
 from visionops.serve.batching import MicroBatcher
-from visionops.serve.model import LoadedModel
+from visionops.serve.model import LoadedModel, Scores
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -452,9 +453,9 @@ def test_micro_batcher_batches_concurrent_requests_without_waiting(
     """Requests that arrive together share one call; an idle model runs at once."""
     sizes: list[int] = []
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((10, 1, 28, 28)).astype(np.float32)
+    x = rng.integers(0, 256, (10, 28, 28, 1), dtype=np.uint8)
 
-    async def scenario() -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
+    async def scenario() -> tuple[list[Scores], float]:
         # max_batch_size 4: the 3+3+4 images become three calls (a request is never
         # split between calls); the lone image afterwards runs at once, by itself.
         batcher = MicroBatcher(max_batch_size=4, max_wait_ms=0, on_batch=sizes.append)
@@ -475,19 +476,26 @@ def test_micro_batcher_batches_concurrent_requests_without_waiting(
 
     parts, _ = asyncio.run(scenario())
     assert sizes == [3, 3, 4, 1]
-    probs, emb = tiny_model.run(x)
+    probs, emb = tiny_model.run(normalize(x, tiny_model.spec))
+    assert [len(p.probabilities) for p in parts] == [3, 3, 4, 1]
     np.testing.assert_allclose(np.concatenate([p[0] for p in parts[:3]]), probs, atol=1e-6)
     np.testing.assert_allclose(np.concatenate([p[1] for p in parts[:3]]), emb, atol=1e-6)
     np.testing.assert_allclose(parts[3][0], probs[:1], atol=1e-6)
+    # The pixel tests ran on the batch and came back row by row, like the scores.
+    screen = screen_pixels(x, tiny_model.min_ink_pixels, 0.0)
+    np.testing.assert_array_equal(
+        np.concatenate([p.screen.no_ink for p in parts[:3]]), screen.no_ink
+    )
 
 
 def test_micro_batcher_merges_small_requests_and_chunks_large_ones(
     tiny_model: LoadedModel,
 ) -> None:
     sizes: list[int] = []
-    x = np.random.default_rng(1).standard_normal((12, 1, 28, 28)).astype(np.float32)
+    x = np.random.default_rng(1).integers(0, 256, (12, 28, 28, 1), dtype=np.uint8)
+    x[3] = 0  # a blank image among them: its own no_ink row
 
-    async def scenario() -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    async def scenario() -> list[Scores]:
         batcher = MicroBatcher(max_batch_size=8, on_batch=sizes.append)
         batcher.start()
         try:
@@ -503,7 +511,9 @@ def test_micro_batcher_merges_small_requests_and_chunks_large_ones(
 
     parts = asyncio.run(scenario())
     assert sizes == [5, 8, 4]
-    probs, _ = tiny_model.run(x)
+    probs, _ = tiny_model.run(normalize(x, tiny_model.spec))
+    assert [bool(p.screen.no_ink[0]) for p in parts[:5]] == [False, False, False, True, False]
+    assert parts[5].screen.no_ink.tolist() == [i == 3 for i in range(12)]
     np.testing.assert_allclose(np.concatenate([p[0] for p in parts[:5]]), probs[:5], atol=1e-6)
     np.testing.assert_allclose(parts[5][0], probs, atol=1e-6)
 
@@ -511,7 +521,7 @@ def test_micro_batcher_merges_small_requests_and_chunks_large_ones(
 def test_micro_batcher_max_wait_is_an_upper_bound(tiny_model: LoadedModel) -> None:
     """With max_wait_ms set, a lone request waits for company, but a full batch does not."""
     sizes: list[int] = []
-    x = np.zeros((4, 1, 28, 28), np.float32)
+    x = np.zeros((4, 28, 28, 1), np.uint8)
 
     async def scenario() -> None:
         batcher = MicroBatcher(max_batch_size=2, max_wait_ms=60_000, on_batch=sizes.append)
@@ -529,7 +539,7 @@ def test_micro_batcher_max_wait_is_an_upper_bound(tiny_model: LoadedModel) -> No
             assert not lone.done()  # waiting for company, up to max_wait_ms
         finally:
             await batcher.stop()  # stop scores what is pending
-        probs, _, ood = await asyncio.wait_for(lone, timeout=5)
+        probs, _, ood, _ = await asyncio.wait_for(lone, timeout=5)
         assert ood is None  # the tiny model has no OOD calibration
         assert probs.shape == (1, 10)
 

@@ -1,13 +1,15 @@
 """Adaptive micro-batching: concurrent requests share one ONNX Runtime call.
 
-A request hands its whole normalised batch ``(N, C, H, W)`` to :meth:`MicroBatcher.predict`.
+A request hands its model-sized uint8 images ``(N, H, W, C)`` to :meth:`MicroBatcher.predict`.
 When the model is idle the batch is scheduled for the very next turn of the event loop
 (``loop.call_soon``): requests whose bodies arrived in the same turn join it, nothing
 waits for a timer. While a batch is being scored the event loop is busy, so requests that
 arrive meanwhile queue up in the sockets and form the next batch, up to
 ``max_batch_size`` images (a request is never split between batches; one larger than
 ``max_batch_size`` is scored in ``max_batch_size`` chunks): under load batches grow by
-themselves, at idle an image runs at once. ``max_wait_ms`` > 0 is an optional upper
+themselves, at idle an image runs at once. Everything per image is done per batch:
+normalisation, the pixel tests and the OOD score run once on the concatenated batch
+(:meth:`LoadedModel.score_pixels`), not once per request. ``max_wait_ms`` > 0 is an optional upper
 bound for deployments that prefer bigger batches over latency: a batch smaller than
 ``max_batch_size`` then waits at most that long for company.
 
@@ -26,19 +28,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from visionops.serve.model import LoadedModel
+from visionops.serve.model import LoadedModel, Scores
 
 log = logging.getLogger(__name__)
-
-# probabilities (N, K), embeddings (N, D), OOD scores (N,) or None (no OOD calibration)
-BatchResult = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 
 
 @dataclass
 class _Item:
     model: LoadedModel
-    x: np.ndarray  # (N, C, H, W) float32, already normalised
-    future: asyncio.Future[BatchResult]
+    x: np.ndarray  # (N, H, W, C) uint8, model-sized
+    future: asyncio.Future[Scores]
 
 
 class InferenceError(RuntimeError):
@@ -88,15 +87,16 @@ class MicroBatcher:
             self._flush()
         self._running = False
 
-    async def predict(self, model: LoadedModel, x: np.ndarray) -> BatchResult:
-        """Probabilities ``(N, K)``, embeddings ``(N, D)`` and OOD scores ``(N,)`` (None when
-        the model has no OOD calibration) of a normalised ``(N, C, H, W)``.
+    async def predict(self, model: LoadedModel, x: np.ndarray) -> Scores:
+        """The :class:`Scores` of model-sized uint8 images ``(N, H, W, C)``: probabilities
+        ``(N, K)``, embeddings ``(N, D)``, OOD scores ``(N,)`` (None when the model has no
+        OOD calibration) and the pixel tests.
 
         Raises :class:`InferenceError` when the worker is stopped or ONNX Runtime fails.
         """
         if not self._running or self._loop is None:
             raise InferenceError("the prediction worker is not running")
-        fut: asyncio.Future[BatchResult] = self._loop.create_future()
+        fut: asyncio.Future[Scores] = self._loop.create_future()
         self._pending.append(_Item(model, x, fut))
         self._pending_images += len(x)
         if self._pending_images >= self.max_batch_size:
@@ -146,7 +146,7 @@ class MicroBatcher:
         for group in groups.values():
             self._run(group)
 
-    def _score(self, model: LoadedModel, x: np.ndarray) -> BatchResult:
+    def _score(self, model: LoadedModel, x: np.ndarray) -> Scores:
         """One ONNX Runtime call per ``max_batch_size`` images (one request may need more)."""
         parts = []
         for start in range(0, len(x), self.max_batch_size):
@@ -154,22 +154,14 @@ class MicroBatcher:
             if self._on_batch is not None:
                 self._on_batch(len(chunk))
             self.batches += 1
-            # The OOD score is computed for the whole chunk beside the model call.
-            parts.append(model.infer(chunk))
-        if len(parts) == 1:
-            return parts[0]
-        scores = [p[2] for p in parts]
-        return (
-            np.concatenate([p[0] for p in parts]),
-            np.concatenate([p[1] for p in parts]),
-            None if any(s is None for s in scores) else np.concatenate(scores),  # type: ignore[arg-type]
-        )
+            parts.append(model.score_pixels(chunk))
+        return Scores.concatenate(parts)
 
     def _run(self, items: list[_Item]) -> None:
         model = items[0].model
         x = items[0].x if len(items) == 1 else np.concatenate([it.x for it in items])
         try:
-            probs, emb, ood = self._score(model, x)
+            scores = self._score(model, x)
         except Exception as exc:
             log.exception("inference failed for a batch of %d", len(x))
             err = InferenceError(f"inference failed: {type(exc).__name__}: {exc}")
@@ -177,10 +169,13 @@ class MicroBatcher:
                 if not it.future.done():
                     it.future.set_exception(err)
             return
+        if len(items) == 1:
+            if not items[0].future.done():
+                items[0].future.set_result(scores)
+            return
         start = 0
         for it in items:
             stop = start + len(it.x)
             if not it.future.done():
-                scores = None if ood is None else ood[start:stop]
-                it.future.set_result((probs[start:stop], emb[start:stop], scores))
+                it.future.set_result(scores.rows(start, stop))
             start = stop

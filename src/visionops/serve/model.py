@@ -12,15 +12,23 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from visionops.data.transforms import PreprocessSpec
+from visionops.data.transforms import PreprocessSpec, normalize
 from visionops.errors import ModelError, RegistryError
-from visionops.ood import BANK_FILE, MIN_INK_PIXELS, OodDetector, l2_normalise
+from visionops.ood import (
+    BANK_FILE,
+    MIN_INK_PIXELS,
+    OodDetector,
+    PixelScreen,
+    l2_normalise,
+    screen_pixels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +101,40 @@ def _resolve_in_child(uri: str) -> ResolvedModel:
     )
 
 
+class Scores(NamedTuple):
+    """What one model call says about a batch of N model inputs, row by row."""
+
+    probabilities: np.ndarray  # float32 (N, K)
+    embeddings: np.ndarray  # float32 (N, D)
+    ood_scores: np.ndarray | None  # float64 (N,); None: the model has no OOD calibration
+    screen: PixelScreen  # the pixel tests of visionops.ood, bool (N,) each
+
+    def rows(self, start: int, stop: int) -> Scores:
+        """Rows ``start:stop`` of every field."""
+        return Scores(
+            self.probabilities[start:stop],
+            self.embeddings[start:stop],
+            None if self.ood_scores is None else self.ood_scores[start:stop],
+            PixelScreen(self.screen.no_ink[start:stop], self.screen.no_strokes[start:stop]),
+        )
+
+    @staticmethod
+    def concatenate(parts: Sequence[Scores]) -> Scores:
+        """The rows of ``parts``, in order, as one :class:`Scores`."""
+        if len(parts) == 1:
+            return parts[0]
+        ood = [p.ood_scores for p in parts]
+        return Scores(
+            np.concatenate([p.probabilities for p in parts]),
+            np.concatenate([p.embeddings for p in parts]),
+            None if any(s is None for s in ood) else np.concatenate(ood),  # type: ignore[arg-type]
+            PixelScreen(
+                np.concatenate([p.screen.no_ink for p in parts]),
+                np.concatenate([p.screen.no_strokes for p in parts]),
+            ),
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
     """One loaded, validated model. Immutable: a reload builds a new one and swaps it."""
@@ -130,6 +172,14 @@ class LoadedModel:
         """Probabilities ``(N, K)`` and embeddings ``(N, D)`` for normalised ``(N, C, H, W)``."""
         probs, emb = self.session.run(list(OUTPUTS), {self.input_name: x})
         return np.asarray(probs, dtype=np.float32), np.asarray(emb, dtype=np.float32)
+
+    def score_pixels(self, pixels: np.ndarray) -> Scores:
+        """Everything one batch needs, for model-sized uint8 images ``(N, H, W, C)``:
+        normalised once, screened by the pixel tests once, one :meth:`infer` call."""
+        min_edge = self.ood.min_edge_density if self.ood is not None else 0.0
+        screen = screen_pixels(pixels, self.min_ink_pixels, min_edge)
+        probs, emb, ood = self.infer(normalize(pixels, self.spec))
+        return Scores(probs, emb, ood, screen)
 
     def infer(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """:meth:`run` plus the OOD score float64 ``(N,)`` of the batch (None: uncalibrated)."""

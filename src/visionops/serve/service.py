@@ -22,9 +22,8 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from visionops.config import ServeParams, load_params, load_settings
-from visionops.data.transforms import normalize
 from visionops.errors import VisionOpsError
-from visionops.ood import PixelScreen, Reason, screen_pixels
+from visionops.ood import PixelScreen, Reason
 from visionops.serve.batching import MicroBatcher
 from visionops.serve.inputs import ApiError
 from visionops.serve.metrics import ServeMetrics
@@ -297,11 +296,8 @@ class PredictionService:
         Pillow format name, None for a JSON instance) are logged for the monitor. Raises
         :class:`InferenceError` when the model fails.
         """
-        x = normalize(pixels, model.spec)
-        # The pixel tests of visionops.ood, for the whole request before the model runs.
-        min_edge = model.ood.min_edge_density if model.ood is not None else 0.0
-        screen = screen_pixels(pixels, model.min_ink_pixels, min_edge)
-        probs, emb, ood_scores = await self.batcher.predict(model, x)
+        # Normalisation, pixel tests, model and OOD score: once per micro-batch.
+        probs, emb, ood_scores, screen = await self.batcher.predict(model, pixels)
         class_index = probs.argmax(axis=1)
         confidence = probs[np.arange(len(probs)), class_index]
         threshold = self.settings.serve.confidence_threshold
