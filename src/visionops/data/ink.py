@@ -122,14 +122,15 @@ def ink_map(img: Image.Image, invert: str = "auto") -> InkImage:
     to ``L`` by the caller.
     """
     if has_alpha(img):
-        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
-        alpha = rgba[..., 3] / 255.0
-        lum = _luminance(rgba[..., :3])
+        rgba_img = img if img.mode == "RGBA" else img.convert("RGBA")
+        # Alpha alone first: a drawing (ink in alpha) needs no colour at all.
+        alpha = np.asarray(rgba_img.getchannel("A"), dtype=np.float32) / 255.0
         opaque = alpha >= 0.5
-        share = float(opaque.mean())
+        share = float(np.count_nonzero(opaque)) / max(opaque.size, 1)
         if invert == "auto" and 0.0 < share < 0.5:
             # The opaque minority is the ink (either colour); alpha is its coverage.
             return InkImage(gray=alpha * 255.0, from_alpha=True)
+        lum = _luminance(np.asarray(rgba_img, dtype=np.float32)[..., :3])
         # Transparency is background: give it the paper's colour (white when nothing is
         # opaque), so compositing adds no edge.
         paper = float(np.median(lum[opaque])) if share > 0.0 and invert == "auto" else 255.0
