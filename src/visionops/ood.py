@@ -32,8 +32,9 @@ a confident class. Three tests run beside it:
   (0.07 ms) but rejected two real, right 8s.
 
 The module needs NumPy (and threadpoolctl to keep the matrix product on one BLAS
-thread): the export calibrates with it, the server applies it, both without torch and
-without importing each other.
+thread): the export calibrates with it, both without torch and without importing each
+other. The server scores through ONNX Runtime instead (:meth:`OodDetector.knn_onnx`, the
+same product as a graph, built with the ``onnx`` package when the model loads).
 """
 
 from __future__ import annotations
