@@ -177,6 +177,28 @@ def raw_onnx_images_per_second(model_dir: Path, x: np.ndarray, seconds: float = 
     return n / (time.perf_counter() - started)
 
 
+def decode_preprocess_ms(png: bytes, spec: Any, seconds: float = 1.0) -> dict[str, float]:
+    """Milliseconds per image, in this process, of the product's decode
+    (:func:`~visionops.data.transforms.decode_image`) and preprocessing
+    (:func:`~visionops.data.transforms.image_to_array`) of one PNG: the work every server
+    but mlflow does per image, whatever its serving machinery."""
+    from visionops.data.transforms import decode_image, image_to_array
+
+    def per_call(fn: Any) -> float:
+        fn()
+        n, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            fn()
+            n += 1
+        return round((time.perf_counter() - started) / n * 1000, 3)
+
+    img = decode_image(png, max_pixels=10**8)
+    return {
+        "decode_ms": per_call(lambda: decode_image(png, max_pixels=10**8)),
+        "preprocess_ms": per_call(lambda: image_to_array(img, spec)),
+    }
+
+
 def process_rss_mb(pid: int) -> list[float]:
     """Resident memory (MiB) of a process and all its descendants, one entry each."""
     out: list[float] = []
@@ -311,9 +333,10 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
 
     work = Path(tempfile.mkdtemp(prefix="visionops-bench-serve-"))
+    one_png, canvas = png_bytes(images[0]), canvas_png(images[1])
     contents = {
-        "one": multipart_body([png_bytes(images[0])]),
-        "canvas": multipart_body([canvas_png(images[1])]),
+        "one": multipart_body([one_png]),
+        "canvas": multipart_body([canvas]),
         "64": multipart_body([png_bytes(i) for i in images]),
         "m1": json.dumps({"inputs": x64[:1].tolist()}).encode(),
         "m64": json.dumps({"inputs": x64.tolist()}).encode(),
@@ -334,6 +357,10 @@ def main() -> None:
         "raw_onnxruntime_images_per_second_batch64": round(
             raw_onnx_images_per_second(ref.path, x64), 1
         ),
+        "per_image_in_process": {
+            "one": decode_preprocess_ms(one_png, spec),
+            "canvas": decode_preprocess_ms(canvas, spec),
+        },
         "servers": {},
     }
     src = str(REPO / "src")
@@ -519,6 +546,23 @@ def checks(servers: dict[str, Any], cores: int) -> list[dict[str, Any]]:
     return out
 
 
+def _per_image_lines(results: dict[str, Any], cores: int) -> list[str]:
+    """What decoding and preprocessing one body's image cost in process, and the most
+    requests/s that leaves ``cores`` cores if they did nothing else."""
+    per = results.get("per_image_in_process") or {}
+    out = []
+    for key, what in (("one", "28×28 PNG"), ("canvas", "280×280 RGBA canvas PNG")):
+        if key not in per:
+            continue
+        d, p = per[key]["decode_ms"], per[key]["preprocess_ms"]
+        out.append(
+            f"- {what}: decode {d} ms + preprocess {p} ms per image in one process (the "
+            f"product's functions, every server but mlflow runs them): at most "
+            f"{cores * 1000 / (d + p):.0f} requests/s on {cores} cores for that work alone."
+        )
+    return out
+
+
 def markdown(results: dict[str, Any], uri: str, meta: dict[str, Any], cores: int) -> str:
     lines = [
         "# Serving benchmark",
@@ -551,6 +595,8 @@ def markdown(results: dict[str, Any], uri: str, meta: dict[str, Any], cores: int
         "",
         f"Raw ONNX Runtime at batch 64 in the same run: "
         f"{results['raw_onnxruntime_images_per_second_batch64']} images/s.",
+        "",
+        *_per_image_lines(results, cores),
         "",
         "| target (visionops with N workers) | measured | target | holds |",
         "|---|---|---|---|",
