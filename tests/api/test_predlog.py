@@ -14,11 +14,14 @@ from serve_fixtures import digit_png
 
 from conftest import MakeClient
 from visionops.errors import ConfigError, DataError
+from visionops.monitor.stats import logged_statistics, stroke_thickness
 from visionops.monitor.window import load_window
 from visionops.serve.predlog import (
     InputStats,
+    PredictionBatch,
     PredictionLog,
     PredictionRecord,
+    batch_columns,
     count_predictions,
     export_predlog,
     input_statistics,
@@ -304,3 +307,64 @@ def test_postgres_log_and_export(
     assert all(len(e) == 16 for e in df["embedding"])
     result = export_predlog(postgres_url, tmp_path / "pg.parquet")
     assert result.rows == 6
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_writer_stores_what_sqlalchemy_inserts_store(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The writer hands rows to the driver's executemany itself; every value lands as
+    SQLAlchemy's own insert of the same rows stores it (dates, booleans, bytes, NULLs)."""
+    if backend == "sqlite":
+        url_a, url_b = (f"sqlite:///{tmp_path / name}" for name in ("a.db", "b.db"))
+    else:
+        url_a = url_b = request.getfixturevalue("postgres_url")
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
+    batch = PredictionBatch(
+        created_at=now_utc(),
+        request_id="r-1",
+        model_name="m",
+        model_version="3",
+        model_alias=None,
+        classes=("a", "b"),
+        class_index=np.array([0, 1, 1]),
+        confidence=np.array([0.9, 0.6, 0.55]),
+        accepted=np.array([True, False, False]),
+        probabilities=np.array([[0.9, 0.1], [0.4, 0.6], [0.45, 0.55]], np.float32),
+        embeddings=rng.normal(size=(3, 4)).astype(np.float32),
+        pixels=pixels,
+        first_index=2,
+        reasons=(None, "low_confidence", "out_of_distribution"),
+        ood_scores=np.array([0.1, 0.2, 0.9]),
+        original_sizes=np.array([[280, 280], [28, 28], [640, 480]]),
+        original_formats=("PNG", None, "JPEG"),
+    )
+    log = PredictionLog(url_a)
+    log.start()
+    log.submit(batch)
+    log.close()
+    assert log.written == 3 and log.dropped == 0
+
+    engine = sa.create_engine(url_b)
+    table = predictions_table
+    if backend == "sqlite":
+        predictions_table.metadata.create_all(engine)
+    cols = batch_columns([batch], logged_statistics(pixels), stroke_thickness(pixels))
+    rows = [dict(zip(cols, values, strict=True)) for values in zip(*cols.values(), strict=True)]
+    with engine.begin() as conn:
+        conn.execute(table.insert(), rows)
+        stored = conn.execute(sa.text("SELECT * FROM predictions ORDER BY id")).all()
+    engine.dispose()
+    written, inserted = stored[:3], stored[-3:]
+    assert len(stored) == 6 if backend == "postgres" else len(stored) == 3
+    if backend == "sqlite":
+        with sqlite3.connect(tmp_path / "a.db") as raw:
+            written = raw.execute("SELECT * FROM predictions ORDER BY id").fetchall()
+    # Every column but the id is stored identically.
+    assert [tuple(r)[1:] for r in written] == [tuple(r)[1:] for r in inserted]
+    back = read_predictions(url_a).sort_values("id").head(3)
+    assert back["accepted"].tolist() == [True, False, False]
+    assert back["reason"].tolist()[1:] == ["low_confidence", "out_of_distribution"]
+    assert back["original_format"].tolist()[0] == "PNG"
+    np.testing.assert_array_equal(np.stack(back["embedding"].tolist()), batch.embeddings)
