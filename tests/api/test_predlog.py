@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -321,9 +322,10 @@ def test_writer_stores_what_sqlalchemy_inserts_store(
         url_a = url_b = request.getfixturevalue("postgres_url")
     rng = np.random.default_rng(3)
     pixels = rng.integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
+    request_id = f"writer-{uuid.uuid4().hex}"  # unique even in a reused database
     batch = PredictionBatch(
         created_at=now_utc(),
-        request_id="r-1",
+        request_id=request_id,
         model_name="m",
         model_version="3",
         model_alias=None,
@@ -347,23 +349,28 @@ def test_writer_stores_what_sqlalchemy_inserts_store(
     assert log.written == 3 and log.dropped == 0
 
     engine = sa.create_engine(url_b)
-    table = predictions_table
-    if backend == "sqlite":
-        predictions_table.metadata.create_all(engine)
+    predictions_table.metadata.create_all(engine)
     cols = batch_columns([batch], logged_statistics(pixels), stroke_thickness(pixels))
     rows = [dict(zip(cols, values, strict=True)) for values in zip(*cols.values(), strict=True)]
+    mine = sa.text("SELECT * FROM predictions WHERE request_id = :r ORDER BY id")
     with engine.begin() as conn:
-        conn.execute(table.insert(), rows)
-        stored = conn.execute(sa.text("SELECT * FROM predictions ORDER BY id")).all()
+        conn.execute(predictions_table.insert(), rows)
+        stored = conn.execute(mine, {"r": request_id}).all()
     engine.dispose()
-    written, inserted = stored[:3], stored[-3:]
-    assert len(stored) == 6 if backend == "postgres" else len(stored) == 3
     if backend == "sqlite":
+        assert len(stored) == 3
         with sqlite3.connect(tmp_path / "a.db") as raw:
-            written = raw.execute("SELECT * FROM predictions ORDER BY id").fetchall()
+            written = raw.execute(
+                "SELECT * FROM predictions WHERE request_id = ? ORDER BY id", (request_id,)
+            ).fetchall()
+        inserted = stored
+    else:  # one database: the writer's rows first, then SQLAlchemy's
+        assert len(stored) == 6
+        written, inserted = stored[:3], stored[3:]
     # Every column but the id is stored identically.
     assert [tuple(r)[1:] for r in written] == [tuple(r)[1:] for r in inserted]
-    back = read_predictions(url_a).sort_values("id").head(3)
+    back = read_predictions(url_a)
+    back = back[back["request_id"] == request_id].sort_values("id").head(3)
     assert back["accepted"].tolist() == [True, False, False]
     assert back["reason"].tolist()[1:] == ["low_confidence", "out_of_distribution"]
     assert back["original_format"].tolist()[0] == "PNG"
