@@ -4,9 +4,11 @@ Rows go through SQLAlchemy Core, so the default SQLite file (WAL mode, busy time
 a PostgreSQL URL (``VISIONOPS_PREDLOG_URL``) work unchanged, also with several server
 processes writing to one SQLite file. Requests never wait for the database:
 :meth:`PredictionLog.submit` queues one :class:`PredictionBatch` per request (NumPy
-arrays, nothing encoded yet) and a background thread turns whatever is queued into rows
-in one vectorised pass and inserts them in one transaction; :meth:`PredictionLog.close`
-drains the queue, so a graceful shutdown loses no row.
+arrays, nothing encoded yet) and a background thread turns whatever is queued into
+columns in one vectorised pass (:func:`batch_columns`) and inserts them in one
+transaction, as tuples straight to the driver's ``executemany`` (sqlite3, psycopg) with
+each column type's SQLAlchemy bind processor applied; :meth:`PredictionLog.close` drains
+the queue, so a graceful shutdown loses no row.
 
 Array columns are binary, little-endian and C-ordered:
 
