@@ -6,6 +6,10 @@ product serves with, so this tracks any change to it), one ONNX Runtime call, an
 answer. No batching across requests, no prediction log, no metrics, no request ids.
 What visionops does beyond this is what its serving machinery costs.
 
+Each of ``--workers`` processes listens on its own ``SO_REUSEPORT`` socket, as the
+workers of ``visionops serve`` do (written out here: nothing of the product's serving
+code is used).
+
     python benchmarks/bare_serve.py MODEL_DIR --port 8000 [--workers N]
 """
 
@@ -13,7 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import signal
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +67,20 @@ def create_app() -> Starlette:
     return Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/ready", ready)])
 
 
+def _serve(port: int) -> None:
+    """One worker: its own ``SO_REUSEPORT`` socket on ``port``, one uvicorn server on it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(2048)
+    sys.path.insert(0, str(Path(__file__).parent))
+    config = uvicorn.Config(
+        "bare_serve:create_app", factory=True, access_log=False, log_level="warning"
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model_dir")
@@ -68,16 +90,23 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     os.environ["BARE_MODEL_DIR"] = args.model_dir
     os.environ["BARE_THREADS"] = str(max(1, cores // args.workers))
-    uvicorn.run(
-        "bare_serve:create_app",
-        factory=True,
-        app_dir=str(Path(__file__).parent),
-        host="127.0.0.1",
-        port=args.port,
-        workers=args.workers,
-        access_log=False,
-        log_level="warning",
-    )
+    # Each worker binds the port itself (SO_REUSEPORT: the kernel spreads connections
+    # over the sockets), as visionops serve does: with one shared socket the worker that
+    # wakes first can take every waiting connection and leave the other idle.
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_serve, args=(args.port,)) for _ in range(args.workers)]
+    for proc in procs:
+        proc.start()
+
+    def stop(*_: object) -> None:
+        for proc in procs:
+            if proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for proc in procs:
+        proc.join()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from visionops.errors import ConfigError, DataError
 from visionops.monitor.stats import logged_statistics, stroke_thickness
 from visionops.monitor.window import load_window
 from visionops.serve.predlog import (
+    SQLITE_PAGE_SIZE,
     InputStats,
     PredictionBatch,
     PredictionLog,
@@ -159,13 +160,28 @@ def test_many_requests_are_written_in_few_transactions(tmp_path: Path) -> None:
     assert len(commits) == 3  # 100 + 100 + 50 rows
 
 
-def test_sqlite_uses_wal(tmp_path: Path) -> None:
+def test_sqlite_uses_wal_and_large_pages_for_a_new_log(tmp_path: Path) -> None:
     db = tmp_path / "p.db"
     plog = PredictionLog(f"sqlite:///{db}")
     plog.start()
+    plog.submit([record(0)])
     plog.close()
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == SQLITE_PAGE_SIZE == 16384
+    # A log created with another page size keeps it and is written to as before.
+    old = tmp_path / "old.db"
+    with sqlite3.connect(old) as conn:
+        conn.execute("PRAGMA page_size=4096")
+        conn.execute("PRAGMA journal_mode=WAL")
+    predictions_table.metadata.create_all(sa.create_engine(f"sqlite:///{old}"))
+    plog = PredictionLog(f"sqlite:///{old}")
+    plog.start()
+    plog.submit([record(1)])
+    plog.close()
+    assert plog.written == 1 and count_predictions(f"sqlite:///{old}") == 1
+    with sqlite3.connect(old) as conn:
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
 
 
 def test_submit_does_not_wait_for_a_locked_database(tmp_path: Path) -> None:
