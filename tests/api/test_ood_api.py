@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -164,6 +166,18 @@ def test_served_scores_come_from_onnx_runtime_and_match_numpy(
     np.testing.assert_allclose(scores, model.ood.score(emb), atol=1e-5)
 
 
+def test_without_the_onnx_package_the_ood_score_runs_in_numpy(
+    ood_model_dir: Path, mnist: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now fails
+    model = load_model(ResolvedModel(ood_model_dir, None, None, None), threads=1)
+    assert model.ood is not None and model.ood_session is None
+    x = normalize(mnist[0][1000:1004], model.spec)
+    _, emb, scores = model.infer(x)
+    assert scores is not None
+    np.testing.assert_array_equal(scores, model.ood.score(emb))
+
+
 def test_smooth_fields_are_out_of_distribution(serve: Any, ood_model_dir: Path) -> None:
     client = serve(ood_model_dir)
     r = client.post("/v1/predict", json={"instances": [_ramp()]})
@@ -274,3 +288,93 @@ def test_an_old_postgres_log_table_gets_the_new_columns(
     serve: Any, ood_model_dir: Path, postgres_database: str
 ) -> None:
     _old_table_gets_the_new_columns(serve, ood_model_dir, postgres_database)
+
+
+def _base_install() -> set[str]:
+    """Distributions the base install (``pip install visionops``, no extras) brings:
+    pyproject's ``dependencies`` with the extras they name, and theirs, transitively."""
+    import tomllib
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    deps = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    todo = [(Requirement(r), "") for r in deps["project"]["dependencies"]]
+    seen: set[str] = set()
+    while todo:
+        req, extra = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": extra}):
+            continue
+        name = canonicalize_name(req.name)
+        for wanted in ["", *sorted(req.extras)]:
+            if (name, wanted) in seen:
+                continue
+            seen.add((name, wanted))  # type: ignore[arg-type]
+            try:
+                requires = metadata.requires(name) or []
+            except metadata.PackageNotFoundError:
+                continue
+            todo += [(Requirement(r), wanted) for r in requires]
+    return {name for name, _ in seen}  # type: ignore[misc]
+
+
+def test_serving_an_ood_model_needs_only_the_base_install(
+    ood_model_dir: Path, tmp_path: Path
+) -> None:
+    """Every third-party module a serving process imports (model with OOD test, a
+    prediction, the page, metrics) comes with the base install; the API image has no more."""
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    predlog = f"sqlite:///{tmp_path / 'p.db'}"
+    script = textwrap.dedent(
+        f"""
+        import io, json, sys
+        from fastapi.testclient import TestClient
+        from PIL import Image
+        from visionops.serve.app import create_app
+        from visionops.serve.service import ServeSettings
+
+        s = ServeSettings(model_uri={str(ood_model_dir)!r}, predlog_url={predlog!r}, threads=1)
+        buf = io.BytesIO(); Image.new("L", (28, 28), 0).save(buf, "PNG")
+        with TestClient(create_app(s)) as c:
+            for _ in range(400):
+                if c.get("/readyz").status_code == 200:
+                    break
+                import time; time.sleep(0.05)
+            files = [("files", ("a.png", buf.getvalue(), "image/png"))]
+            r = c.post("/v1/predict", files=files)
+            c.get("/"); c.get("/metrics")
+        print(json.dumps({{"status": r.status_code,
+                           "ood": r.json()["predictions"][0]["ood_score"],
+                           "modules": sorted({{m.split(".")[0] for m in sys.modules}})}}))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["status"] == 200 and isinstance(out["ood"], float)
+    # Not ours: what the interpreter loads before any code runs (.pth hooks of the venv)
+    # and the test client (it takes httpx2 when installed).
+    harness = "import sys, json, fastapi.testclient; print(json.dumps(sorted(sys.modules)))"
+    startup = subprocess.run(
+        [sys.executable, "-c", harness],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    modules = set(out["modules"]) - {m.split(".")[0] for m in json.loads(startup.stdout)}
+    owners = metadata.packages_distributions()
+    base = _base_install() | {"visionops"}
+    # A module is covered when one of the distributions that install it is in the base.
+    missing = {
+        module: owners[module]
+        for module in modules
+        if module in owners and not {canonicalize_name(d) for d in owners[module]} & base
+    }
+    assert {"onnx", "onnxruntime"} <= modules  # the OOD graph was built and run
+    assert not missing, missing

@@ -299,7 +299,12 @@ def load_model(source: ResolvedModel, threads: int | None = None) -> LoadedModel
                 f"the model's embedding {emb.shape[1]}"
             )
         # The bank product in ONNX Runtime: twice as fast as NumPy's on small batches.
-        ood_session = _session(ood.knn_onnx(), folder / BANK_FILE, threads or default_threads())
+        try:
+            graph = ood.knn_onnx()
+        except ImportError:  # an install without the onnx package: same scores, slower
+            log.warning("the onnx package is missing: the OOD score runs in NumPy")
+        else:
+            ood_session = _session(graph, folder / BANK_FILE, threads or default_threads())
     else:
         log.warning("%s has no 'ood' entry: no out-of-distribution rejection", meta_path)
     log.info("loaded model %s version %s from %s", model.name, model.version, folder)
