@@ -454,7 +454,7 @@ class PredictionLog:
         self._table = predictions_table
         self._columns: frozenset[str] = frozenset()
         self._json_embedding = False
-        self._inserts: dict[tuple[str, ...], tuple[str, list[Any]]] = {}
+        self._inserts: dict[tuple[str, ...], tuple[str, list[Callable[[Any], Any] | None]]] = {}
         self._pending = 0
         self.written = 0
         self.dropped = 0
@@ -597,7 +597,7 @@ class PredictionLog:
                 f"INSERT INTO {prep.format_table(self._table)} ({columns}) "
                 f"VALUES ({', '.join([mark] * len(names))})"
             )
-            processors = [
+            processors: list[Callable[[Any], Any] | None] = [
                 self._table.c[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names
             ]
             found = self._inserts[names] = (sql, processors)
