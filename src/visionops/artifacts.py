@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from visionops.errors import DataError, ModelError
+from visionops.errors import DataError, ModelError, VisionOpsError
 from visionops.stages import missing_input
 
 INPUT_NAME = "input"
@@ -39,6 +39,21 @@ def read_json(path: Path, produced_by: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def read_array(path: Path, error: type[VisionOpsError], named_by: str, what: str) -> np.ndarray:
+    """The array in the ``.npy`` file at ``path``, read without unpickling anything.
+
+    Raises ``error`` with "PATH not found (NAMED_BY)" for a missing file and
+    "PATH: unreadable WHAT (reason)" for any other failure; shape and dtype are the
+    caller's to check.
+    """
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise error(f"{path} not found ({named_by})") from None
+    except (OSError, ValueError) as exc:
+        raise error(f"{path}: unreadable {what} ({exc})") from None
 
 
 def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -47,6 +47,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from visionops.artifacts import read_array
 from visionops.errors import ModelError
 
 #: Why a prediction was not accepted (``null`` in the API when it was).
@@ -411,12 +412,7 @@ class OodDetector:
 def _load_matrix(path: Path, key: str, what: str, where: Path) -> np.ndarray:
     """The finite float ``(rows, columns)`` array at ``path`` (``np.load`` without pickle)
     as float32; :class:`ModelError` naming the file, and ``where``'s ``ood.key``, otherwise."""
-    try:
-        a = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise ModelError(f"{path} not found (named by {where} ood.{key})") from None
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: unreadable {what} ({exc})") from None
+    a = read_array(path, ModelError, f"named by {where} ood.{key}", what)
     if (
         a.ndim != 2
         or min(a.shape) < 1

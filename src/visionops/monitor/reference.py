@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from visionops.artifacts import read_array
 from visionops.data.transforms import PreprocessSpec, normalize
 from visionops.errors import DataError, ModelError
 from visionops.monitor.stats import PHOTO_STATS, image_statistics, size_statistics
@@ -482,12 +483,7 @@ def load_reference(path: str | Path) -> ReferenceProfile:
             f"{json_path}: 'class_counts' has {counts.size} entries for {len(classes)} classes"
         )
     emb_path = json_path.parent / str(raw.get("embeddings_file") or EMBEDDINGS_FILE)
-    try:
-        embeddings = np.load(emb_path, allow_pickle=False)
-    except FileNotFoundError:
-        raise DataError(f"{emb_path} not found (written with {json_path.name})") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{emb_path}: unreadable embeddings ({exc})") from None
+    embeddings = read_array(emb_path, DataError, f"written with {json_path.name}", "embeddings")
     if embeddings.ndim != 2 or not np.issubdtype(embeddings.dtype, np.floating):
         raise DataError(f"{emb_path}: expected a float (M, D) array, got {embeddings.shape}")
     accuracy = raw.get("accuracy")
