@@ -391,3 +391,25 @@ def test_writer_stores_what_sqlalchemy_inserts_store(
     assert back["reason"].tolist()[1:] == ["low_confidence", "out_of_distribution"]
     assert back["original_format"].tolist()[0] == "PNG"
     np.testing.assert_array_equal(np.stack(back["embedding"].tolist()), batch.embeddings)
+
+
+def test_drivers_with_other_parameter_styles_get_sqlalchemys_insert(tmp_path: Path) -> None:
+    """The writer's own INSERT speaks ``?`` and ``%s``; a driver with another style
+    (here sqlite3 switched to named parameters) gets SQLAlchemy's insert and the same rows."""
+    stored = []
+    for name, style in (("direct.db", None), ("named.db", "named")):
+        url = f"sqlite:///{tmp_path / name}"
+        log = PredictionLog(url)
+        log.start()
+        if style is not None:
+            assert log._engine is not None
+            log._engine.dialect.paramstyle = style
+            log._engine.dialect.positional = False
+        log.submit([record(i, request_id="same") for i in range(3)])
+        log.close()
+        assert (log.written, log.dropped) == (3, 0)
+        assert bool(log._inserts) == (style is None)  # the driver's own INSERT, or not
+        with sqlite3.connect(tmp_path / name) as raw:
+            stored.append(raw.execute("SELECT * FROM predictions ORDER BY id").fetchall())
+    # created_at differs between the two logs (record() stamps now); the rest is equal.
+    assert [r[2:] for r in stored[0]] == [r[2:] for r in stored[1]]

@@ -41,7 +41,12 @@ from sqlalchemy.engine import Engine, make_url
 
 from visionops.config import database_url
 from visionops.errors import ConfigError, DataError
-from visionops.monitor.stats import INK_THRESHOLD, logged_statistics, stroke_thickness
+from visionops.monitor.stats import (
+    INK_THRESHOLD,
+    LOGGED_STATS,
+    logged_statistics,
+    stroke_thickness,
+)
 
 log = logging.getLogger(__name__)
 
@@ -258,30 +263,11 @@ def batch_columns(
     per row. ``stats``/``strokes`` cover every row at once. Built a column at a time
     (``tolist``, list repetition): no per-row dictionary.
     """
+    # Every column of the table but the key and the statistics (filled from ``stats``).
     cols: dict[str, list[Any]] = {
-        name: []
-        for name in (
-            "created_at",
-            "request_id",
-            "input_index",
-            "model_name",
-            "model_version",
-            "model_alias",
-            "label",
-            "class_index",
-            "confidence",
-            "accepted",
-            "probabilities",
-            "embedding",
-            "input_pixels",
-            "input_shape",
-            "stroke_thickness",
-            "reason",
-            "ood_score",
-            "original_width",
-            "original_height",
-            "original_format",
-        )
+        c.name: []
+        for c in predictions_table.columns
+        if c.name != "id" and c.name not in LOGGED_STATS
     }
     for b in batches:
         n = len(b)
@@ -582,15 +568,19 @@ class PredictionLog:
             ]
         return {name: values for name, values in cols.items() if name in self._columns}
 
-    def _insert(self, names: tuple[str, ...]) -> tuple[str, list[Callable[[Any], Any] | None]]:
+    def _insert(
+        self, names: tuple[str, ...]
+    ) -> tuple[str, list[Callable[[Any], Any] | None]] | None:
         """The driver's own INSERT of the columns ``names`` (``?`` or ``%s`` parameters)
         and each column type's bind processor for this database, built once per column
-        set."""
+        set; None for a driver with another parameter style."""
+        assert self._engine is not None
+        dialect = self._engine.dialect
+        mark = {"qmark": "?", "format": "%s", "pyformat": "%s"}.get(dialect.paramstyle)
+        if mark is None:
+            return None
         found = self._inserts.get(names)
         if found is None:
-            assert self._engine is not None
-            dialect = self._engine.dialect
-            mark = "?" if dialect.paramstyle == "qmark" else "%s"
             prep = dialect.identifier_preparer
             columns = ", ".join(prep.format_column(self._table.c[n]) for n in names)
             sql = (
@@ -613,9 +603,9 @@ class PredictionLog:
         """
         assert self._engine is not None
         names = tuple(cols)
-        direct = self._engine.dialect.paramstyle in ("qmark", "format", "pyformat")
-        if direct:
-            sql, processors = self._insert(names)
+        direct = self._insert(names)
+        if direct is not None:
+            sql, processors = direct
             values = [
                 cols[name] if p is None else [None if v is None else p(v) for v in cols[name]]
                 for name, p in zip(names, processors, strict=True)
@@ -628,7 +618,7 @@ class PredictionLog:
         for attempt in range(1, self.retries + 1):
             try:
                 with self._engine.begin() as conn:
-                    if direct:
+                    if direct is not None:
                         conn.exec_driver_sql(sql, params)
                     else:
                         conn.execute(self._table.insert(), params)
