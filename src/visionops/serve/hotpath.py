@@ -44,7 +44,7 @@ from visionops.serve.service import PredictionService
 
 log = logging.getLogger(__name__)
 
-PREDICT_PATH = "/v1/predict"
+PREDICT_PATH = PREDICT_ROUTE.path
 
 
 class PredictEndpoint:

@@ -179,7 +179,7 @@ class BodySizeLimitMiddleware:
             await send_json(send, 400, error_body("bad_request", INVALID_LENGTH), [])
             return
         if too_big:
-            await self._refuse(scope, receive, send)
+            await refuse_too_large(scope, receive, send, self.max_bytes)
             return
 
         received = 0
@@ -207,12 +207,7 @@ class BodySizeLimitMiddleware:
         except BodyTooLargeError:
             if started:
                 raise
-            await self._refuse(scope, receive, send, body_ended=body_ended)
-
-    async def _refuse(
-        self, scope: Scope, receive: Receive, send: Send, body_ended: bool = False
-    ) -> None:
-        await refuse_too_large(scope, receive, send, self.max_bytes, body_ended)
+            await refuse_too_large(scope, receive, send, self.max_bytes, body_ended)
 
 
 async def refuse_too_large(
